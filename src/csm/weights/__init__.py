@@ -1,0 +1,1 @@
+"""Reading checkpoints: hub resolution, tensor files, strict key/shape checks, conversion."""
