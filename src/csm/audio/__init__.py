@@ -1,0 +1,19 @@
+"""Audio files in and out: read/downmix/resample, atomic writes, trimming and joining."""
+
+from .io import (
+    AudioError,
+    check_output_path,
+    crossfade_join,
+    read_audio,
+    trim_trailing_silence,
+    write_audio,
+)
+
+__all__ = [
+    "AudioError",
+    "check_output_path",
+    "crossfade_join",
+    "read_audio",
+    "trim_trailing_silence",
+    "write_audio",
+]

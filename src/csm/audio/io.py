@@ -1,0 +1,156 @@
+"""Read, resample, write and stitch 24 kHz mono PCM.
+
+Files are read with ``soundfile``, downmixed to mono by averaging the channels, and
+resampled with ``soxr`` (high quality). Writes are atomic: the audio goes to a temporary
+file in the destination folder and is renamed over the target only once complete, so an
+error or Ctrl-C never leaves a partial file behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+from ..config import SAMPLE_RATE
+
+logger = logging.getLogger(__name__)
+
+#: Output containers we write (soundfile format names).
+FORMATS = {"wav": "WAV", "flac": "FLAC"}
+
+
+class AudioError(ValueError):
+    """An audio file that cannot be read or written."""
+
+
+def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Read an audio file as float32 mono PCM at ``sample_rate``.
+
+    Multi-channel audio is downmixed by averaging the channels; other sample rates are
+    resampled with soxr's high-quality filter.
+
+    Raises:
+        AudioError: the file is missing, unreadable, or empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(f"audio file not found: {path}")
+    try:
+        pcm, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # soundfile raises LibsndfileError / RuntimeError
+        raise AudioError(f"cannot read audio file {path}: {err}") from None
+    if pcm.shape[0] == 0:
+        raise AudioError(f"audio file {path} is empty")
+    mono = pcm.mean(axis=1) if pcm.shape[1] > 1 else pcm[:, 0]
+    if pcm.shape[1] > 1:
+        logger.info("downmixed %d channels of %s to mono", pcm.shape[1], path)
+    return resample(mono, file_rate, sample_rate)
+
+
+def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample mono float PCM with soxr (no-op when the rates agree)."""
+    if from_rate <= 0:
+        raise AudioError(f"sample rate must be positive, got {from_rate}")
+    pcm = np.asarray(pcm, dtype=np.float32)
+    if from_rate == to_rate:
+        return pcm
+    return soxr.resample(pcm, from_rate, to_rate, quality="HQ").astype(np.float32)
+
+
+def check_output_path(path: str | Path, audio_format: str | None = None) -> str:
+    """Fail early (before any generation) if ``path`` cannot be written; return the format.
+
+    The format is ``audio_format`` if given, else taken from the suffix (default wav).
+    """
+    path = Path(path)
+    fmt = (audio_format or path.suffix.lstrip(".") or "wav").lower()
+    if fmt not in FORMATS:
+        raise AudioError(f"unsupported output format {fmt!r}; choose one of {sorted(FORMATS)}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise AudioError(f"output path {path} is a directory")
+    if not folder.is_dir():
+        raise AudioError(f"output folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise AudioError(f"output folder {folder} is not writable")
+    return fmt
+
+
+def write_audio(
+    path: str | Path,
+    pcm: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    audio_format: str | None = None,
+) -> Path:
+    """Atomically write mono float PCM as 16-bit WAV or FLAC.
+
+    Returns:
+        the written path.
+    """
+    path = Path(path)
+    fmt = check_output_path(path, audio_format)
+    pcm = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        sf.write(tmp_name, pcm, sample_rate, format=FORMATS[fmt], subtype="PCM_16")
+        os.replace(tmp_name, path)
+    except BaseException:  # Ctrl-C included: never leave the temporary file behind
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def trim_trailing_silence(
+    pcm: np.ndarray,
+    sample_rate: int = SAMPLE_RATE,
+    *,
+    threshold_db: float = -50.0,
+    keep_ms: float = 200.0,
+    window_ms: float = 20.0,
+) -> np.ndarray:
+    """Cut trailing near-silence, keeping ``keep_ms`` after the last window above the threshold.
+
+    The level is the RMS of ``window_ms`` windows relative to full scale; audio that never
+    rises above the threshold is returned unchanged.
+    """
+    window = max(1, int(sample_rate * window_ms / 1000))
+    n_windows = len(pcm) // window
+    if n_windows == 0:
+        return pcm
+    frames = pcm[: n_windows * window].reshape(n_windows, window)
+    level_db = 10.0 * np.log10(np.mean(frames.astype(np.float64) ** 2, axis=1) + 1e-12)
+    loud = np.flatnonzero(level_db > threshold_db)
+    if loud.size == 0:
+        return pcm
+    end = (loud[-1] + 1) * window + int(sample_rate * keep_ms / 1000)
+    return pcm[: min(len(pcm), end)]
+
+
+def crossfade_join(
+    pieces: list[np.ndarray], sample_rate: int = SAMPLE_RATE, *, crossfade_ms: float = 10.0,
+    silence_ms: float = 0.0,
+) -> np.ndarray:
+    """Join PCM pieces with an optional silence gap and a short linear crossfade at each seam."""
+    pieces = [np.asarray(p, dtype=np.float32).reshape(-1) for p in pieces if len(p)]
+    if not pieces:
+        return np.zeros(0, dtype=np.float32)
+    gap = np.zeros(int(sample_rate * silence_ms / 1000), dtype=np.float32)
+    fade = int(sample_rate * crossfade_ms / 1000)
+    out = pieces[0]
+    for piece in pieces[1:]:
+        piece = np.concatenate([gap, piece]) if gap.size else piece
+        n = min(fade, len(out), len(piece))
+        if n == 0:
+            out = np.concatenate([out, piece])
+            continue
+        ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)
+        seam = out[-n:] * (1.0 - ramp) + piece[:n] * ramp
+        out = np.concatenate([out[:-n], seam, piece[n:]])
+    return out

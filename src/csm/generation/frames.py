@@ -1,0 +1,116 @@
+"""The frame loop: prompt prefill, one CSM frame per step, stop at the all-zero frame.
+
+Host syncs (the only ones in generation): reading frame ``t`` to test it for end-of-audio
+and hand it to the caller, done *after* frame ``t+1`` has been built and ``mx.async_eval``'d,
+so the device computes the next frame while the host looks at this one. The speculative
+frame after the end frame is discarded (the official loop would not compute it; it costs
+one frame of compute and, with a torch-compatible generator, only draws noise that no
+emitted token depends on).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import NUM_CODEBOOKS
+from ..sampling import TorchCompatibleGenerator, sample_topk
+
+#: ``(logits (B, V), codebook) -> (B, 1)`` tokens; the CSM model calls it for codebooks 0..31.
+Sampler = Callable[[mx.array, int], mx.array]
+
+
+class FrameSamplers:
+    """The noise source of one generation, handing out one sampler per frame.
+
+    Exactly one source is used:
+
+    * ``generator``: a TorchCompatibleGenerator — the Exp(1) stream PyTorch's CPU generator
+      produces after ``torch.manual_seed(seed)``, consumed in the official order (codebook 0,
+      then 1..31, one ``(B, V)`` draw each);
+    * ``key``: an MLX PRNG key, split once per frame and then into one key per codebook, so a
+      run repeats bit-exactly on the same machine and backend.
+
+    Args:
+        temperature: > 0 divides logits; 0 means greedy (argmax).
+        topk: keep the top-k logits (ties at the k-th value are kept, as torch does).
+        key / generator: the noise source (exactly one).
+        safety: exclude codes 1..31 (the original MLX port's "MIMI safety"); changes the distribution.
+        precision: the sampler's arithmetic, see :func:`csm.sampling.sample_topk`.
+    """
+
+    def __init__(
+        self,
+        *,
+        temperature: float,
+        topk: int,
+        key: mx.array | None = None,
+        generator: TorchCompatibleGenerator | None = None,
+        safety: bool = False,
+        precision: str = "float32",
+    ):
+        if (key is None) == (generator is None):
+            raise ValueError("give exactly one noise source: an MLX key or a TorchCompatibleGenerator")
+        self._key, self._generator = key, generator
+        self._draw = dict(topk=topk, temperature=temperature, safety=safety, precision=precision)
+
+    def next_frame(self) -> Sampler:
+        """The sampler for the next frame (call once per frame, in order)."""
+        draw = self._draw
+        if self._generator is not None:
+            generator = self._generator
+            return lambda logits, _codebook: sample_topk(logits, generator=generator, **draw)
+        self._key, frame_key = mx.random.split(self._key)
+        keys = mx.random.split(frame_key, NUM_CODEBOOKS)
+        return lambda logits, codebook: sample_topk(logits, key=keys[codebook], **draw)
+
+
+def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
+    """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask."""
+    batch = codes.shape[0]
+    tokens = mx.concatenate([codes.astype(mx.int32), mx.zeros((batch, 1), mx.int32)], axis=1)
+    mask = mx.concatenate([mx.ones((batch, NUM_CODEBOOKS), mx.bool_), mx.zeros((batch, 1), mx.bool_)], axis=1)
+    return tokens[:, None, :], mask[:, None, :]
+
+
+def generate_frames(
+    model,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    samplers: FrameSamplers,
+    *,
+    max_frames: int,
+) -> Iterator[np.ndarray]:
+    """Yield the codes of each generated frame, ``(B, 32)`` int32, until every row has ended.
+
+    Args:
+        model: a CSM model (``make_cache``, ``generate_frame``).
+        tokens: prompt ``(S, 33)`` or ``(B, S, 33)`` int32 rows.
+        mask: the matching bool mask.
+        samplers: the noise source state, consumed one frame at a time.
+        max_frames: hard cap on generated frames.
+
+    A row ends at its first all-zero frame (not yielded for B=1; for B>1 ended rows are
+    yielded as zeros until all rows have ended).
+    """
+    tokens = mx.array(tokens if tokens.ndim == 3 else tokens[None])
+    mask = mx.array(mask if mask.ndim == 3 else mask[None])
+    cache = model.make_cache(tokens.shape[0])
+    ended = np.zeros(tokens.shape[0], dtype=bool)
+    codes = model.generate_frame(tokens, mask, cache, samplers.next_frame())
+    mx.async_eval(codes)
+    for index in range(max_frames):
+        upcoming = None
+        if index + 1 < max_frames:
+            next_tokens, next_mask = next_frame_rows(codes)
+            upcoming = model.generate_frame(next_tokens, next_mask, cache, samplers.next_frame())
+            mx.async_eval(upcoming)
+        frame = np.array(codes)  # the one host read per frame
+        ended |= ~frame.any(axis=1)
+        if ended.all():
+            return
+        frame[ended] = 0
+        yield frame
+        codes = upcoming
