@@ -1,5 +1,27 @@
-"""csm-mlx: Sesame's Conversational Speech Model (CSM-1B) text-to-speech on Apple MLX."""
+"""csm-mlx: Sesame's Conversational Speech Model (CSM-1B) text-to-speech on Apple MLX.
+
+Quick use::
+
+    import csm
+    speaker = csm.load()                      # downloads the weights on first use
+    audio = speaker.generate("Hello from Sesame.", seed=42)   # float32 PCM, 24 kHz
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+__all__ = ["AudioChunk", "Generator", "Segment", "Speech", "Turn", "load"]
+
+
+def __getattr__(name: str):
+    # Lazy: importing csm (e.g. for csm.sampling) must not load the model stack.
+    if name == "Segment":
+        from .prompt import Segment
+
+        return Segment
+    if name in {"AudioChunk", "Generator", "Speech", "Turn", "load"}:
+        from . import generation
+
+        return getattr(generation, name)
+    raise AttributeError(f"module 'csm' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from .io import (
     AudioError,
+    AudioWriter,
     check_output_path,
     crossfade_join,
     read_audio,
@@ -11,6 +12,7 @@ from .io import (
 
 __all__ = [
     "AudioError",
+    "AudioWriter",
     "check_output_path",
     "crossfade_join",
     "read_audio",

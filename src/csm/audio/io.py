@@ -82,29 +82,51 @@ def check_output_path(path: str | Path, audio_format: str | None = None) -> str:
     return fmt
 
 
+class AudioWriter:
+    """Write mono PCM progressively to a temporary file, renamed over ``path`` only on success.
+
+    Use as a context manager; on any exception (Ctrl-C included) the temporary file is
+    removed and ``path`` is left untouched.
+    """
+
+    def __init__(self, path: str | Path, sample_rate: int = SAMPLE_RATE, audio_format: str | None = None):
+        self.path = Path(path)
+        self.format = check_output_path(self.path, audio_format)
+        self.sample_rate = sample_rate
+        self._tmp: Path | None = None
+        self._file: sf.SoundFile | None = None
+
+    def __enter__(self) -> "AudioWriter":
+        handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".part", dir=self.path.parent)
+        os.close(handle)
+        self._tmp = Path(name)
+        self._file = sf.SoundFile(
+            name, "w", samplerate=self.sample_rate, channels=1, format=FORMATS[self.format], subtype="PCM_16"
+        )
+        return self
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Append float PCM (clipped to [-1, 1])."""
+        self._file.write(np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0))
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._file.close()
+        if exc_type is None:
+            os.replace(self._tmp, self.path)
+        else:
+            self._tmp.unlink(missing_ok=True)
+
+
 def write_audio(
     path: str | Path,
     pcm: np.ndarray,
     sample_rate: int = SAMPLE_RATE,
     audio_format: str | None = None,
 ) -> Path:
-    """Atomically write mono float PCM as 16-bit WAV or FLAC.
-
-    Returns:
-        the written path.
-    """
-    path = Path(path)
-    fmt = check_output_path(path, audio_format)
-    pcm = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    os.close(handle)
-    try:
-        sf.write(tmp_name, pcm, sample_rate, format=FORMATS[fmt], subtype="PCM_16")
-        os.replace(tmp_name, path)
-    except BaseException:  # Ctrl-C included: never leave the temporary file behind
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    """Atomically write mono float PCM as 16-bit WAV or FLAC; returns the path."""
+    with AudioWriter(path, sample_rate, audio_format) as out:
+        out.write(pcm)
+    return out.path
 
 
 def trim_trailing_silence(

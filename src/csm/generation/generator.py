@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from ..config import MAX_SEQ_LEN, SAMPLE_RATE
 from ..prompt import Segment, TextTokenizer, build_prompt, segment_length
 from ..sampling import TorchCompatibleGenerator
-from .frames import FrameSamplers, generate_frames
+from .frames import FrameSamplers, check_sampling, generate_frames
 from .text import default_max_audio_ms, frames_for_ms
 
 logger = logging.getLogger(__name__)
@@ -94,12 +95,15 @@ class Generator:
         model: the CSM model (:func:`csm.models.load_csm`).
         mimi: the codec (:func:`csm.codec.load_mimi`).
         tokenizer: the Llama-3.2 tokenizer with CSM's template.
+        weights_dir: the folder the weights came from, if any.
     """
 
     sample_rate = SAMPLE_RATE
 
-    def __init__(self, model, mimi, tokenizer: TextTokenizer):
+    def __init__(self, model, mimi, tokenizer: TextTokenizer, *, weights_dir: Path | None = None):
         self.model, self.mimi, self.tokenizer = model, mimi, tokenizer
+        #: where the weights were found (named voices are looked up there first)
+        self.weights_dir = weights_dir
 
     # -- context -------------------------------------------------------------------------
     def encode_audio(self, pcm: np.ndarray) -> np.ndarray:
@@ -156,17 +160,35 @@ class Generator:
         """Like :meth:`generate`, yielding audio every ``chunk_frames`` frames (streaming Mimi decode)."""
         yield from self.stream_turns([Turn(speaker, text)], context, chunk_frames=chunk_frames, **options)
 
-    def synthesize(self, turns: Sequence[Turn], context: Sequence[Segment] = (), **options) -> Speech:
+    def synthesize(
+        self,
+        turns: Sequence[Turn],
+        context: Sequence[Segment] = (),
+        *,
+        on_frame: Callable[[int], None] | None = None,
+        **options,
+    ) -> Speech:
         """Generate several turns in order; each turn's codes join the context of the next.
 
         Long text is several turns of one speaker; a conversation alternates speakers. Audio
-        is decoded once per turn (one-shot Mimi decode, as the official generator does).
+        is decoded once per turn (one-shot Mimi decode, as the official generator does) and
+        the turns are concatenated.
+
+        Args:
+            turns: what to say, in order.
+            context: segments heard before the first turn (e.g. a voice); kept longest when
+                the 2048-position budget forces dropping context.
+            on_frame: called with the turn index after every generated frame (progress bars).
+            **options: temperature (0.9), topk (50), seed / torch_seed / key / generator,
+                safety, precision, max_audio_length_ms (default: derived from each turn's text).
         """
         started = time.perf_counter()
         opts = _Options.parse(options)
         frames: list[list[np.ndarray]] = [[] for _ in turns]
         for turn, frame in self._frames(turns, context, opts):
             frames[turn].append(frame)
+            if on_frame is not None:
+                on_frame(turn)
         codes = [np.stack(f, axis=1) if f else np.zeros((32, 0), np.int32) for f in frames]
         pieces = [self._decode(c) for c in codes]
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
@@ -258,13 +280,5 @@ class _Options:
             raise TypeError(f"unknown generation options: {sorted(options)}")
         if max_ms is not None and frames_for_ms(max_ms) < 1:
             raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {max_ms}")
-        _check_sampling(draw["topk"], draw["temperature"])
+        check_sampling(draw["topk"], draw["temperature"])
         return cls(noise, draw, max_ms)
-
-
-def _check_sampling(topk: int, temperature: float) -> None:
-    """Reject bad sampling parameters before any work (the sampler checks them again)."""
-    if not isinstance(topk, (int, np.integer)) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
