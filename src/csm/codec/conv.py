@@ -1,0 +1,134 @@
+"""Causal 1-D convolutions of Mimi, one-shot and streaming, in MLX's (B, T, C) layout.
+
+One-shot calls follow transformers' ``MimiConv1d`` / ``MimiConvTranspose1d`` (causal left
+padding plus the "extra" right padding that makes any length work). ``step`` calls carry a
+caller-owned :class:`ConvState`; fed whole frames, the concatenated steps equal the one-shot call
+(shared/spec/mimi.md §4.1, §4.3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+@dataclass
+class ConvState:
+    """Streaming carry of one convolution: the last input columns (conv) or the pending overlap
+    of the output (transposed conv). ``None`` until the first step."""
+
+    buffer: mx.array | None = None
+
+
+class StreamingConv1d(nn.Module):
+    """Causal ``Conv1d`` (weights under ``conv.``, as in transformers' checkpoint names)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        dilation: int = 1,
+        bias: bool = True,
+        pad_mode: str = "constant",
+    ):
+        super().__init__()
+        if pad_mode not in ("constant", "replicate"):
+            raise ValueError(f"pad_mode must be 'constant' or 'replicate', got {pad_mode!r}")
+        self.conv = nn.Conv1d(
+            in_channels, out_channels, kernel_size, stride=stride, dilation=dilation, bias=bias
+        )
+        self.stride = stride
+        self.kernel_size = (kernel_size - 1) * dilation + 1  # effective (dilated) size
+        self.padding_total = self.kernel_size - stride
+        self.pad_mode = pad_mode
+
+    def _pad(self, x: mx.array, left: int, right: int) -> mx.array:
+        mode = "edge" if self.pad_mode == "replicate" else "constant"
+        return mx.pad(x, [(0, 0), (left, right), (0, 0)], mode=mode)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """(B, T, C_in) -> (B, ceil(T / stride), C_out)."""
+        length = x.shape[1]
+        # Right padding so that the last window is complete (transformers/encodec `pad_for_conv1d`).
+        n_frames = math.ceil((length - self.kernel_size + self.padding_total) / self.stride + 1) - 1
+        extra = n_frames * self.stride + self.kernel_size - self.padding_total - length
+        return self.conv(self._pad(x, self.padding_total, extra))
+
+    def step(self, x: mx.array, state: ConvState) -> mx.array:
+        """Streaming call; ``x.shape[1]`` must be a multiple of the stride."""
+        if self.padding_total == 0:
+            return self.conv(x)
+        if state.buffer is None:
+            # Zeros, or the first column repeated (the "replicate" downsample conv).
+            first = x[:, :1]
+            if self.pad_mode == "constant":
+                first = mx.zeros_like(first)
+            state.buffer = mx.repeat(first, self.padding_total, axis=1)
+        x = mx.concatenate([state.buffer, x], axis=1)
+        state.buffer = x[:, x.shape[1] - self.padding_total :]
+        return self.conv(x)
+
+
+class ConvTranspose1d(nn.Module):
+    """Grouped transposed convolution; ``weight`` is (C_out, K, C_in / groups) as MLX expects."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, *, stride: int, groups: int, bias: bool
+    ):
+        super().__init__()
+        if in_channels % groups or out_channels % groups:
+            raise ValueError(f"channels {in_channels}->{out_channels} not divisible by groups={groups}")
+        scale = math.sqrt(1.0 / (in_channels * kernel_size))
+        self.weight = mx.random.uniform(-scale, scale, (out_channels, kernel_size, in_channels // groups))
+        if bias:
+            self.bias = mx.zeros((out_channels,))
+        self.stride = stride
+        self.groups = groups
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """(B, T, C_in) -> (B, (T - 1) * stride + K, C_out)."""
+        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+        return y + self.bias if "bias" in self else y
+
+
+class StreamingConvTranspose1d(nn.Module):
+    """Causal transposed conv: all ``K - stride`` overlap samples trimmed on the right."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int,
+        groups: int = 1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.conv = ConvTranspose1d(
+            in_channels, out_channels, kernel_size, stride=stride, groups=groups, bias=bias
+        )
+        self.padding_total = kernel_size - stride
+
+    def __call__(self, x: mx.array) -> mx.array:
+        """(B, T, C_in) -> (B, T * stride, C_out)."""
+        y = self.conv(x)
+        return y[:, : y.shape[1] - self.padding_total]
+
+    def step(self, x: mx.array, state: ConvState) -> mx.array:
+        """Streaming call: overlap-add the previous tail, keep the new tail for the next call."""
+        y = self.conv(x)
+        emitted = y.shape[1] - self.padding_total
+        if state.buffer is not None:
+            tail = y[:, : self.padding_total] + state.buffer
+            y = mx.concatenate([tail, y[:, self.padding_total :]], axis=1)
+        pending = y[:, emitted:]
+        # The bias is already in the emitted part; keeping it in the carry would add it twice.
+        state.buffer = pending - self.conv.bias if "bias" in self.conv else pending
+        return y[:, :emitted]

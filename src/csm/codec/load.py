@@ -1,0 +1,157 @@
+"""Build a :class:`Mimi` from a checkpoint: the kyutai file, a transformers ``MimiModel``
+directory, or tensors already in memory (e.g. ``codec_model.*`` of a CSM transformers checkpoint).
+
+Steps: rename to transformers' flat names (``weights.mimi_checkpoint``) -> strict key/shape check
+in PyTorch layout -> convert to MLX layout (conv weights transposed, codebooks divided out) ->
+``load_weights(strict=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from ..weights.io import WeightsError, check_shapes, read_tensors
+from ..weights.mimi_checkpoint import to_transformers_layout
+from .conv import ConvTranspose1d
+from .mimi import Mimi, MimiArgs
+
+logger = logging.getLogger(__name__)
+
+#: kyutai file name used by CSM (HF repo kyutai/moshiko-pytorch-bf16).
+KYUTAI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
+_CODEBOOK = re.compile(r"^(.*)\.codebooks\.(\d+)\.embed$")
+_EPSILON = 1e-5  # cluster_usage clamp of moshi and transformers
+
+
+def load_mimi(path: str | Path, num_codebooks: int = 32) -> Mimi:
+    """Load Mimi from a kyutai ``.safetensors`` file or a transformers directory.
+
+    Args:
+        path: the kyutai file (``tokenizer-e351c8d8-checkpoint125.safetensors``, released
+            config), a ``MimiModel.save_pretrained`` directory (``config.json`` +
+            ``model.safetensors``), or a ``CsmForConditionalGeneration`` directory (its
+            ``codec_config`` and ``codec_model.*`` tensors).
+        num_codebooks: codebooks used by encode/decode (CSM: 32).
+
+    Raises:
+        WeightsError: missing file, unknown layout, missing/unexpected keys or wrong shapes.
+        ValueError: an unsupported config.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return mimi_from_weights(read_tensors(path), None, num_codebooks, source=str(path))
+    config_file, weights_file = path / "config.json", path / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise WeightsError(f"{path} is not a Mimi directory: needs config.json and model.safetensors")
+    config = json.loads(config_file.read_text())
+    prefix = ""
+    if "codec_config" in config:  # a CSM transformers checkpoint embeds Mimi
+        config, prefix = config["codec_config"], "codec_model."
+    return mimi_from_weights(
+        read_tensors(weights_file), config, num_codebooks, prefix=prefix, source=str(weights_file)
+    )
+
+
+def mimi_from_weights(
+    weights: Mapping[str, mx.array],
+    config: dict[str, Any] | MimiArgs | None,
+    num_codebooks: int = 32,
+    *,
+    prefix: str = "",
+    source: str = "weights",
+) -> Mimi:
+    """Build Mimi from tensors in either layout.
+
+    Args:
+        weights: checkpoint tensors; only keys starting with ``prefix`` are used.
+        config: a transformers ``MimiConfig`` dict, a :class:`MimiArgs`, or None for the
+            released model's config (the kyutai file carries none).
+        num_codebooks: codebooks used by encode/decode.
+        prefix: e.g. ``"codec_model."`` for a CSM transformers checkpoint.
+        source: named in error messages.
+    """
+    args = config if isinstance(config, MimiArgs) else MimiArgs.from_dict(config) if config else MimiArgs()
+    weights = {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}
+    if not weights:
+        raise WeightsError(f"{source} has no tensors under prefix {prefix!r}")
+    weights = to_transformers_layout(weights, num_heads=args.num_attention_heads, source=source)
+    model = Mimi(args, num_codebooks)
+    check_shapes(checkpoint_shapes(model), weights, source=source)
+    model.load_weights(list(to_mlx_layout(weights, model).items()), strict=True)
+    mx.eval(model.parameters())
+    logger.info("loaded Mimi (%d codebooks) from %s", num_codebooks, source)
+    return model
+
+
+def _kinds(model: nn.Module) -> dict[str, str]:
+    """Parameter path -> how it is stored in PyTorch: conv, convtr, codebook or plain."""
+    modules = dict(model.named_modules())
+    kinds = {}
+    for path, _ in tree_flatten(model.parameters()):
+        owner = modules.get(path.rpartition(".")[0])
+        if _CODEBOOK.match(path):
+            kinds[path] = "codebook"
+        elif isinstance(owner, ConvTranspose1d) and path.endswith(".weight"):
+            kinds[path] = "convtr"
+        elif isinstance(owner, nn.Conv1d) and path.endswith(".weight"):
+            kinds[path] = "conv"
+        else:
+            kinds[path] = "plain"
+    return kinds
+
+
+def _codebook_keys(path: str) -> str:
+    """``x.codebooks.N.embed`` -> the checkpoint prefix ``x.layers.N.codebook.``."""
+    base, index = _CODEBOOK.match(path).groups()
+    return f"{base}.layers.{index}.codebook."
+
+
+def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
+    """Every key the model needs, in transformers' names and PyTorch shapes."""
+    params = dict(tree_flatten(model.parameters()))
+    modules = dict(model.named_modules())
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path, kind in _kinds(model).items():
+        shape = tuple(params[path].shape)
+        if kind == "codebook":
+            base = _codebook_keys(path)
+            shapes |= {base + "embed_sum": shape, base + "cluster_usage": shape[:1], base + "initialized": (1,)}
+        elif kind == "conv":  # MLX (out, k, in) <- PyTorch (out, in, k)
+            shapes[path] = (shape[0], shape[2], shape[1])
+        elif kind == "convtr":  # MLX (out, k, in/g) <- PyTorch (in, out/g, k)
+            groups = modules[path.rpartition(".")[0]].groups
+            shapes[path] = (shape[2] * groups, shape[0] // groups, shape[1])
+        else:
+            shapes[path] = shape
+    return shapes
+
+
+def to_mlx_layout(weights: Mapping[str, mx.array], model: Mimi) -> dict[str, mx.array]:
+    """Convert checked PyTorch-layout tensors to the model's parameters (float32)."""
+    modules = dict(model.named_modules())
+    out = {}
+    for path, kind in _kinds(model).items():
+        if kind == "codebook":
+            base = _codebook_keys(path)
+            usage = mx.maximum(weights[base + "cluster_usage"].astype(mx.float32), _EPSILON)
+            out[path] = weights[base + "embed_sum"].astype(mx.float32) / usage[:, None]
+            continue
+        w = weights[path].astype(mx.float32)
+        if kind == "conv":
+            w = w.swapaxes(1, 2)
+        elif kind == "convtr":
+            groups = modules[path.rpartition(".")[0]].groups
+            c_in, out_per_group, k = w.shape
+            w = w.reshape(groups, c_in // groups, out_per_group, k).transpose(0, 2, 3, 1)
+            w = w.reshape(groups * out_per_group, k, c_in // groups)
+        out[path] = w
+    return out

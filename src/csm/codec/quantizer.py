@@ -1,0 +1,85 @@
+"""Mimi's split residual vector quantizer (shared/spec/mimi.md §1.1, §7.15).
+
+The semantic RVQ (first ``num_semantic`` codebooks) and the acoustic RVQ (the rest) both quantize
+the same latent, each through its own input/output 1x1 projection; decoded latents are summed.
+Codebook vectors are ``embed_sum / max(cluster_usage, 1e-5)``, computed once at load time.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class EuclideanCodebook(nn.Module):
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.embed = mx.zeros((size, dim))
+
+    def encode(self, x: mx.array) -> mx.array:
+        """(B, T, dim) -> (B, T) int32 nearest-vector indices."""
+        # |x - e|^2 without the per-row constant |x|^2.
+        distances = mx.sum(self.embed * self.embed, axis=-1) - 2 * (x @ self.embed.T)
+        return mx.argmin(distances, axis=-1).astype(mx.int32)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """(B, T) -> (B, T, dim)."""
+        return self.embed[codes]
+
+
+class ResidualVectorQuantizer(nn.Module):
+    def __init__(self, num_codebooks: int, *, hidden_size: int, dim: int, size: int, project: bool):
+        super().__init__()
+        # transformers keeps the 1x1 projections only when the dims differ; kyutai always has them.
+        if project:
+            self.input_proj = nn.Conv1d(hidden_size, dim, 1, bias=False)
+            self.output_proj = nn.Conv1d(dim, hidden_size, 1, bias=False)
+        self.codebooks = [EuclideanCodebook(size, dim) for _ in range(num_codebooks)]
+
+    def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
+        """(B, T, hidden) -> (B, T, num_codebooks) codes."""
+        residual = self.input_proj(x) if "input_proj" in self else x
+        codes = []
+        for codebook in self.codebooks[:num_codebooks]:
+            indices = codebook.encode(residual)
+            residual = residual - codebook.decode(indices)
+            codes.append(indices)
+        return mx.stack(codes, axis=-1)
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """(B, T, K) codes of the first K codebooks -> (B, T, hidden)."""
+        latent = self.codebooks[0].decode(codes[..., 0])
+        for k in range(1, codes.shape[-1]):
+            latent = latent + self.codebooks[k].decode(codes[..., k])
+        return self.output_proj(latent) if "output_proj" in self else latent
+
+
+class SplitResidualVectorQuantizer(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.num_semantic = args.num_semantic_quantizers
+        common = dict(
+            hidden_size=args.hidden_size,
+            dim=args.codebook_dim,
+            size=args.codebook_size,
+            project=args.vector_quantization_hidden_dimension != args.hidden_size,
+        )
+        self.semantic_residual_vector_quantizer = ResidualVectorQuantizer(self.num_semantic, **common)
+        self.acoustic_residual_vector_quantizer = ResidualVectorQuantizer(
+            args.num_quantizers - self.num_semantic, **common
+        )
+
+    def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
+        """(B, T, hidden) -> (B, T, num_codebooks) int32."""
+        codes = self.semantic_residual_vector_quantizer.encode(x, self.num_semantic)
+        if num_codebooks > self.num_semantic:
+            acoustic = self.acoustic_residual_vector_quantizer.encode(x, num_codebooks - self.num_semantic)
+            codes = mx.concatenate([codes, acoustic], axis=-1)
+        return codes
+
+    def decode(self, codes: mx.array) -> mx.array:
+        """(B, T, K) -> (B, T, hidden)."""
+        latent = self.semantic_residual_vector_quantizer.decode(codes[..., : self.num_semantic])
+        if codes.shape[-1] > self.num_semantic:
+            latent = latent + self.acoustic_residual_vector_quantizer.decode(codes[..., self.num_semantic :])
+        return latent
