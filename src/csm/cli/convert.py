@@ -1,0 +1,38 @@
+"""``csm-mlx convert``: CSM weights (original, transformers or MLX layout) → MLX safetensors + config.json."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ..weights.convert import QUANT_BITS, convert_csm
+from ..weights.io import WeightsError
+
+
+def setup_arg_parser() -> argparse.ArgumentParser:
+    """Options of ``csm-mlx convert``."""
+    parser = argparse.ArgumentParser(prog="csm-mlx convert", description=__doc__)
+    parser.add_argument("source", help="checkpoint file or directory (original .pt/.safetensors, or transformers dir)")
+    parser.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quantize", type=int, choices=QUANT_BITS, default=None, help="bits per weight")
+    parser.add_argument("--group-size", type=int, default=64, choices=[32, 64, 128])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the conversion; returns 0, or 1 with a one-line message on a bad checkpoint or option."""
+    args = setup_arg_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        out = convert_csm(args.source, args.out_dir, dtype=args.dtype, bits=args.quantize, group_size=args.group_size)
+    except (WeightsError, ValueError) as err:
+        print(f"csm-mlx convert: {err}", file=sys.stderr)
+        return 1
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

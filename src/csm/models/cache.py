@@ -1,0 +1,68 @@
+"""Preallocated KV caches for the CSM backbone and depth decoder (owned by the caller)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+
+class KVCache:
+    """Fixed-size key/value buffers of one attention layer, filled by slice assignment.
+
+    Preallocated once (like torchtune's cache and gpt-fast): the depth decoder reuses the same
+    buffers every frame after :meth:`reset`, and the backbone never reallocates while generating.
+    """
+
+    def __init__(self, batch_size: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: mx.Dtype):
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        self.keys = mx.zeros(shape, dtype=dtype)
+        self.values = mx.zeros(shape, dtype=dtype)
+        self.max_len = max_len
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (B, KV, L, hd) keys/values; return every cached position so far."""
+        start, end = self.offset, self.offset + keys.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step would need {end}")
+        self.keys[:, :, start:end, :] = keys
+        self.values[:, :, start:end, :] = values
+        self.offset = end
+        return self.keys[:, :, :end, :], self.values[:, :, :end, :]
+
+    def reset(self) -> None:
+        """Forget every position (the buffers are kept and overwritten)."""
+        self.offset = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the two buffers."""
+        return self.keys.nbytes + self.values.nbytes
+
+
+@dataclass
+class FrameCache:
+    """Everything one batch of CSM generation carries from frame to frame.
+
+    Attributes:
+        backbone: one :class:`KVCache` per backbone layer (grows by one position per frame).
+        decoder: one :class:`KVCache` per depth-decoder layer (reset at the start of every frame).
+        start: (B,) int32, the first non-padding position of each row (left padding length),
+            set by the prompt prefill; a row's RoPE position is ``absolute index - start``.
+    """
+
+    backbone: list[KVCache]
+    decoder: list[KVCache]
+    start: mx.array
+
+    @property
+    def offset(self) -> int:
+        """Backbone positions filled so far (prompt + generated frames, padding included)."""
+        return self.backbone[0].offset
+
+    def reset(self) -> None:
+        """Make the cache empty again, ready for a new prompt of the same batch size."""
+        for cache in self.backbone + self.decoder:
+            cache.reset()
+        self.start = mx.zeros_like(self.start)

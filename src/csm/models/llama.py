@@ -1,0 +1,197 @@
+"""A Llama-3.2 transformer without token embeddings or output head (CSM's backbone and depth decoder).
+
+Attribute names equal the original (torchtune) checkpoint keys: ``layers.N.attn.q_proj``,
+``layers.N.mlp.w1``, ``layers.N.sa_norm.scale``, ``norm.scale``. RoPE uses the interleaved-pair
+("traditional") convention with llama3 frequency scaling, as torchtune's ``Llama3ScaledRoPE``
+(``shared/spec/csm.md`` §1.2-1.3). Caches are owned by the caller (:mod:`.cache`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from .cache import KVCache
+
+#: torchtune's llama3 scaling defaults (``llama3_2`` passes only ``scale_factor=32``).
+LLAMA3_SCALING: dict[str, float] = {
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+@dataclass
+class LlamaArgs:
+    """Shape of one Llama stack (``shared/spec/csm.md`` §1.2)."""
+
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_dim: int
+    norm_eps: float = 1e-5
+    rope_base: float = 500_000.0
+    #: llama3 scaling (keys of :data:`LLAMA3_SCALING`); ``None`` = plain RoPE.
+    rope_scaling: dict[str, float] | None = field(default_factory=lambda: dict(LLAMA3_SCALING))
+    max_seq_len: int = 2048
+    head_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            self.head_dim = self.embed_dim // self.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads must be a multiple of num_kv_heads, got {self.num_heads} and {self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {self.head_dim}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready fields (inverse of ``LlamaArgs(**d)``)."""
+        return asdict(self)
+
+
+#: The two flavours of the official ``models.py``.
+FLAVORS: dict[str, LlamaArgs] = {
+    "llama-1B": LlamaArgs(
+        num_layers=16, embed_dim=2048, num_heads=32, num_kv_heads=8, intermediate_dim=8192
+    ),
+    "llama-100M": LlamaArgs(
+        num_layers=4, embed_dim=1024, num_heads=8, num_kv_heads=2, intermediate_dim=8192
+    ),
+}
+
+
+def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, float] | None) -> np.ndarray:
+    """Per-pair angular frequencies theta_i, llama3-scaled, computed in float32 as the references do.
+
+    Returns:
+        (head_dim // 2,) float32.
+    """
+    inv_freq = (1.0 / base ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)).astype(np.float32)
+    if scaling is None:
+        return inv_freq
+    factor = np.float32(scaling["factor"])
+    low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_len = scaling["original_max_position_embeddings"]
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq).astype(np.float32)
+    smooth = ((old_len / wavelen - low) / (high - low)).astype(np.float32)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+class RMSNorm(nn.Module):
+    """torchtune RMSNorm; the parameter is named ``scale`` like the checkpoint."""
+
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.scale = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.scale, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with interleaved llama3 RoPE."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
+        dim, hd = args.embed_dim, args.head_dim
+        self.q_proj = nn.Linear(dim, args.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(dim, args.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(dim, args.num_kv_heads * hd, bias=False)
+        self.output_proj = nn.Linear(args.num_heads * hd, dim, bias=False)
+        # mx.fast.rope takes periods (1 / theta); "_" keeps it out of the parameters.
+        self._periods = mx.array(1.0 / rope_inv_freq(hd, args.rope_base, args.rope_scaling))
+
+    def _rope(self, x: mx.array, positions: int | mx.array) -> mx.array:
+        return mx.fast.rope(
+            x, self.head_dim, traditional=True, base=None, scale=1.0, offset=positions, freqs=self._periods
+        )
+
+    def __call__(self, x: mx.array, cache: KVCache, mask: mx.array | str | None, positions: int | mx.array) -> mx.array:
+        B, L, _ = x.shape  # (B, L, D)
+        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
+        k, v = cache.update_and_fetch(self._rope(k, positions), v)
+        out = mx.fast.scaled_dot_product_attention(
+            self._rope(q, positions), k, v, scale=self.head_dim**-0.5, mask=mask
+        )
+        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
+        self.w2 = nn.Linear(args.intermediate_dim, args.embed_dim, bias=False)
+        self.w3 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerLayer(nn.Module):
+    """Pre-norm block: ``h = x + attn(sa_norm(x)); out = h + mlp(mlp_norm(h))``."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.sa_norm = RMSNorm(args.embed_dim, args.norm_eps)
+        self.attn = Attention(args)
+        self.mlp_norm = RMSNorm(args.embed_dim, args.norm_eps)
+        self.mlp = MLP(args)
+
+    def __call__(self, x: mx.array, cache: KVCache, mask: mx.array | str | None, positions: int | mx.array) -> mx.array:
+        h = x + self.attn(self.sa_norm(x), cache, mask, positions)
+        return h + self.mlp(self.mlp_norm(h))
+
+
+class Llama(nn.Module):
+    """Stack of :class:`TransformerLayer` + final norm, fed with embeddings, returning normed hidden states."""
+
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        self.layers = [TransformerLayer(args) for _ in range(args.num_layers)]
+        self.norm = RMSNorm(args.embed_dim, args.norm_eps)
+
+    def __call__(
+        self,
+        h: mx.array,
+        cache: list[KVCache],
+        mask: mx.array | str | None,
+        positions: int | mx.array,
+    ) -> mx.array:
+        """Run every layer on ``h`` (B, L, D).
+
+        Args:
+            h: input embeddings (B, L, D).
+            cache: one :class:`KVCache` per layer (appended to).
+            mask: ``None`` (L == 1), ``"causal"``, or a boolean (B, 1, L, K) array, True = may attend.
+            positions: RoPE position of ``h[:, 0]``: an int, or (B,) int32 for per-row offsets.
+
+        Returns:
+            (B, L, D) hidden states after the final norm.
+        """
+        for layer, layer_cache in zip(self.layers, cache):
+            h = layer(h, layer_cache, mask, positions)
+        return self.norm(h)
+
+    def make_cache(self, batch_size: int, max_len: int, dtype: mx.Dtype) -> list[KVCache]:
+        """One preallocated :class:`KVCache` per layer, ``max_len`` positions long."""
+        a = self.args
+        return [KVCache(batch_size, a.num_kv_heads, a.head_dim, max_len, dtype) for _ in self.layers]
