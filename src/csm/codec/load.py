@@ -149,9 +149,13 @@ def to_mlx_layout(weights: Mapping[str, mx.array], model: Mimi) -> dict[str, mx.
         if kind == "conv":
             w = w.swapaxes(1, 2)
         elif kind == "convtr":
-            groups = modules[path.rpartition(".")[0]].groups
-            c_in, out_per_group, k = w.shape
-            w = w.reshape(groups, c_in // groups, out_per_group, k).transpose(0, 2, 3, 1)
-            w = w.reshape(groups * out_per_group, k, c_in // groups)
+            w = convtr_weight_to_mlx(w, modules[path.rpartition(".")[0]].groups)
         out[path] = w
     return out
+
+
+def convtr_weight_to_mlx(weight: mx.array, groups: int) -> mx.array:
+    """PyTorch ConvTranspose1d weight (C_in, C_out/g, K) -> MLX (C_out, K, C_in/g)."""
+    c_in, out_per_group, k = weight.shape
+    w = weight.reshape(groups, c_in // groups, out_per_group, k).transpose(0, 2, 3, 1)
+    return w.reshape(groups * out_per_group, k, c_in // groups)
