@@ -12,17 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from csm_reference import ROPE_BACKBONE, ROPE_DECODER
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 CODEBOOK_SIZE = 64  # tiny Mimi bins; the tiny CSM's audio vocabulary is the same, so every code decodes
-LLAMA3_ROPE = {
-    "rope_type": "llama3",
-    "factor": 32.0,
-    "high_freq_factor": 4.0,
-    "low_freq_factor": 1.0,
-    "original_max_position_embeddings": 8192,
-    "rope_theta": 500000.0,
-}
 _CORPUS = [
     "Hello from Sesame. The past is just a story we tell ourselves.",
     "How are you today? I am fine, thank you! This is a test of speech synthesis.",
@@ -43,25 +36,27 @@ def tiny_config():
     depth = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, backbone_hidden_size=64, vocab_size=CODEBOOK_SIZE, num_codebooks=32,
-        rope_parameters=LLAMA3_ROPE,
+        rope_parameters=dict(ROPE_DECODER),
     )
     return CsmConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, text_vocab_size=512, vocab_size=CODEBOOK_SIZE, num_codebooks=32,
-        codebook_pad_token_id=CODEBOOK_SIZE - 1, rope_parameters=LLAMA3_ROPE,
+        codebook_pad_token_id=CODEBOOK_SIZE - 1, rope_parameters=dict(ROPE_BACKBONE),
         depth_decoder_config=depth, codec_config=codec.to_dict(),
     )
 
 
 def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Re-draw every parameter and floating buffer (zero/one/identity inits prove nothing).
+    """Re-draw every saved parameter and buffer (zero/one/identity inits prove nothing).
 
-    Mimi's codebook usage counts stay positive (they divide the embedding sums).
+    Derived, non-persistent buffers (RoPE frequencies) are left alone; Mimi's codebook usage
+    counts stay positive (they divide the embedding sums).
     """
     generator = torch.Generator().manual_seed(seed)
+    saved = set(module.state_dict())
     with torch.no_grad():
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
-            if not tensor.is_floating_point():
+            if name not in saved or not tensor.is_floating_point():
                 continue
             if name.endswith("cluster_usage"):
                 tensor.copy_(torch.rand(tensor.shape, generator=generator) + 0.5)

@@ -3,23 +3,21 @@
 Host syncs (the only ones in generation): reading frame ``t`` to test it for end-of-audio
 and hand it to the caller, done *after* frame ``t+1`` has been built and ``mx.async_eval``'d,
 so the device computes the next frame while the host looks at this one. The speculative
-frame after the end frame is discarded (the official loop would not compute it; it costs
-one frame of compute and, with a torch-compatible generator, only draws noise that no
-emitted token depends on).
+frame after the end frame is discarded (one frame of wasted compute). With a torch-compatible
+noise stream there is no speculation, so the stream is consumed exactly as the official loop
+consumes it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import mlx.core as mx
 import numpy as np
 
 from ..config import NUM_CODEBOOKS
+from ..models import Sampler
 from ..sampling import TorchCompatibleGenerator, sample_topk
-
-#: ``(logits (B, V), codebook) -> (B, 1)`` tokens; the CSM model calls it for codebooks 0..31.
-Sampler = Callable[[mx.array, int], mx.array]
 
 
 class FrameSamplers:
@@ -54,6 +52,10 @@ class FrameSamplers:
         if (key is None) == (generator is None):
             raise ValueError("give exactly one noise source: an MLX key or a TorchCompatibleGenerator")
         self._key, self._generator = key, generator
+        #: Whether the next frame may be built before this one is read. Not with a torch-compatible
+        #: stream: a frame after the end frame would consume noise the reference never draws,
+        #: shifting the stream of a following turn.
+        self.speculative = generator is None
         self._draw = dict(topk=topk, temperature=temperature, safety=safety, precision=precision)
 
     def next_frame(self) -> Sampler:
@@ -107,18 +109,20 @@ def generate_frames(
     mask = mx.array(mask if mask.ndim == 3 else mask[None])
     cache = model.make_cache(tokens.shape[0])
     ended = np.zeros(tokens.shape[0], dtype=bool)
-    codes = model.generate_frame(tokens, mask, cache, samplers.next_frame())
-    mx.async_eval(codes)
+
+    def step(rows: tuple[mx.array, mx.array]) -> mx.array:
+        codes = model.generate_frame(*rows, cache, samplers.next_frame())
+        mx.async_eval(codes)
+        return codes
+
+    codes = step((tokens, mask))
     for index in range(max_frames):
-        upcoming = None
-        if index + 1 < max_frames:
-            next_tokens, next_mask = next_frame_rows(codes)
-            upcoming = model.generate_frame(next_tokens, next_mask, cache, samplers.next_frame())
-            mx.async_eval(upcoming)
+        more = index + 1 < max_frames
+        upcoming = step(next_frame_rows(codes)) if more and samplers.speculative else None
         frame = np.array(codes)  # the one host read per frame
         ended |= ~frame.any(axis=1)
         if ended.all():
             return
         frame[ended] = 0
         yield frame
-        codes = upcoming
+        codes = upcoming if upcoming is not None or not more else step(next_frame_rows(codes))

@@ -36,7 +36,6 @@ from .generator import Generator
 logger = logging.getLogger(__name__)
 
 CODEC_PREFIX = "codec_model."
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 
 
 def load(
@@ -60,21 +59,13 @@ def load(
         mimi: a Mimi checkpoint path or hub repo overriding the one found with the weights.
     """
     root = resolve_repo(model)
-    csm = load_csm(root, dtype=_dtype(dtype))
+    csm = load_csm(root, dtype=dtype)
     if quantize is not None:
         from ..models import quantize_model
 
         quantize_model(csm, bits=quantize, group_size=group_size)
     folder = root if root.is_dir() else root.parent
     return Generator(csm, _load_mimi(root, mimi), _load_tokenizer(root, tokenizer), weights_dir=folder)
-
-
-def _dtype(dtype: str | mx.Dtype | None) -> mx.Dtype | None:
-    if dtype is None or isinstance(dtype, mx.Dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
 
 
 def _load_tokenizer(root: Path, override: str | Path | None) -> TextTokenizer:
