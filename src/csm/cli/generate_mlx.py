@@ -243,8 +243,9 @@ def _progress(args):
     class FrameProgress(tqdm):
         def update(self, n=1):
             super().update(n)
-            audio_s = self.n / FRAME_RATE
-            self.set_postfix_str(f"RTF {self.format_dict['elapsed'] / audio_s:.2f}", refresh=False)
+            if not self.disable and self.n:
+                audio_s = self.n / FRAME_RATE
+                self.set_postfix_str(f"RTF {self.format_dict['elapsed'] / audio_s:.2f}", refresh=False)
 
     return FrameProgress(unit="frame", disable=args.quiet, desc="generating", dynamic_ncols=True)
 
