@@ -93,8 +93,25 @@ class ConvTranspose1d(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         """(B, T, C_in) -> (B, (T - 1) * stride + K, C_out)."""
-        y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
+        if self.groups == 1 and self.weight.shape[1] % self.stride == 0:
+            y = self._matmul_overlap_add(x)
+        else:
+            y = mx.conv_transpose1d(x, self.weight, stride=self.stride, groups=self.groups)
         return y + self.bias if "bias" in self else y
+
+    def _matmul_overlap_add(self, x: mx.array) -> mx.array:
+        """Same result as ``mx.conv_transpose1d`` for K = m·stride, as one GEMM plus m shifted adds:
+        3-4x faster on MLX's CPU backend, whose transposed convolution is slow."""
+        c_out, k, c_in = self.weight.shape
+        batch, length, _ = x.shape
+        m = k // self.stride
+        # Each input step writes K output samples: (B, T, C_out, m, S) -> (B, T, m, S, C_out).
+        y = (x @ self.weight.reshape(c_out * k, c_in).T).reshape(batch, length, c_out, m, self.stride)
+        y = y.transpose(0, 1, 3, 4, 2)
+        out = mx.pad(y[:, :, 0], [(0, 0), (0, m - 1), (0, 0), (0, 0)])
+        for r in range(1, m):  # block r of step t lands on output step t + r
+            out = out + mx.pad(y[:, :, r], [(0, 0), (r, m - 1 - r), (0, 0), (0, 0)])
+        return out.reshape(batch, (length + m - 1) * self.stride, c_out)
 
 
 class StreamingConvTranspose1d(nn.Module):
