@@ -59,11 +59,11 @@ def round_bf16(x: np.ndarray) -> np.ndarray:
     return np.array(mx.array(x, mx.float32).astype(mx.bfloat16).astype(mx.float32))
 
 
-def _zipf(rng: np.random.Generator, rows: int, vocab: int) -> np.ndarray:
-    """LM-head-like rows: log-probabilities ~ -s log(rank) under a random token permutation."""
-    slope = rng.uniform(0.8, 1.6, size=(rows, 1))
-    ranked = -slope * np.log(np.arange(1, vocab + 1)) + 0.05 * rng.standard_normal((rows, vocab))
-    return rng.permuted(ranked, axis=1) * 4.0
+def _zipf(rng: np.random.Generator, rows: int, vocab: int, slope: tuple[float, float] = (1.2, 2.4)) -> np.ndarray:
+    """LM-head-like rows: probabilities ~ rank**-slope under a random token permutation."""
+    slopes = rng.uniform(*slope, size=(rows, 1))
+    ranked = -slopes * np.log(np.arange(1, vocab + 1)) + 0.05 * rng.standard_normal((rows, vocab))
+    return rng.permuted(ranked, axis=1)
 
 
 def make_logits(family: str, rows: int, rng: np.random.Generator, vocab: int = AUDIO_VOCAB_SIZE) -> np.ndarray:
@@ -85,9 +85,10 @@ def make_logits(family: str, rows: int, rng: np.random.Generator, vocab: int = A
 
 
 def probe_row(rng: np.random.Generator, vocab: int = AUDIO_VOCAB_SIZE) -> np.ndarray:
-    """The row sampled many times for distribution metrics: a tied Zipf row whose third most
-    likely token is a safety-excluded code (so the tables show what ``safety`` does)."""
-    row = make_logits("ties", 1, rng, vocab)[0]
+    """The row sampled many times for distribution metrics: a broad Zipf row (p ~ rank**-1.1) on a
+    0.25 grid (ties, also at the k-th value) whose third most likely token is a safety-excluded
+    code, so the tables show what ``safety`` does."""
+    row = (np.round(_zipf(rng, 1, vocab, slope=(1.1, 1.1)) * 4.0) / 4.0)[0].astype(np.float32)
     order = np.argsort(-row, kind="stable")
     if vocab > PROBE_SAFETY_CODE:
         third = order[PROBE_SAFETY_RANK]

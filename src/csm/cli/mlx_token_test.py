@@ -31,6 +31,7 @@ COLUMNS = [
     ("ties", "same_seed_rounding_ties", "{}"),
     ("1-TV mlx/torch", "similarity_mlx_torch", "{:.4f}"),
     ("1-TV mlx/exact", "similarity_mlx_analytic", "{:.4f}"),
+    ("1-TV torch/exact", "similarity_torch_analytic", "{:.4f}"),
     ("chi2 p", "chi2_p_mlx", "{:.3g}"),
     ("safety changed", "safety_changed_rate", "{:.2%}"),
     ("mlx draws/s", "mlx_draws_per_s", "{:,.0f}"),
