@@ -48,8 +48,8 @@ def test_topk_one_keeps_ties_at_the_maximum():
 
 def csm_like_logits(rng: np.random.Generator, rows: int) -> np.ndarray:
     """Rows like CSM's heads: mixed peakedness, every 4th row with exact ties (0.5 steps)."""
-    scale = rng.choice([0.5, 2.0, 5.0, 10.0], size=(rows, 1))
-    logits = (rng.standard_normal((rows, VOCAB)) * scale).astype(np.float32)
+    scale = rng.choice(np.array([0.5, 2.0, 5.0, 10.0], np.float32), size=(rows, 1))
+    logits = rng.standard_normal((rows, VOCAB), dtype=np.float32) * scale
     logits[::4] = np.round(logits[::4] * 2) / 2
     return logits
 
@@ -60,7 +60,7 @@ def _shared_noise_grid(dtype_mx, dtype_torch, precision):
     for temperature in TEMPERATURES:
         for topk in TOPKS:
             logits = csm_like_logits(rng, DRAWS_PER_CELL)
-            noise = rng.exponential(size=logits.shape).astype(np.float32)
+            noise = rng.standard_exponential(logits.shape, dtype=np.float32)
             expected = torch_sample_topk(
                 torch.from_numpy(logits).to(dtype_torch), topk, temperature, torch.from_numpy(noise).to(dtype_torch)
             ).numpy()
