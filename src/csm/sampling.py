@@ -122,7 +122,8 @@ def sample_topk(
         topk: keep the logits >= the k-th largest (ties kept); ``topk >= V`` keeps all. >= 1.
         temperature: > 0 divides the logits exactly as torch does; ``0`` is greedy (argmax of the
             logits, first index on ties; no noise is drawn).
-        noise: explicit ``Exp(1)`` noise of the logits' shape (parity tests, replay).
+        noise: explicit ``Exp(1)`` noise of the logits' shape (parity tests, replay); an
+            ``mx.array`` or host (NumPy) array.
         key: an MLX PRNG key (``mx.random.key(seed)``) for reproducible MLX draws.
         generator: a :class:`TorchCompatibleGenerator`; one ``exponential_`` of the logits' shape is
             drawn per call, as the official sampler does, so tokens equal torch's for the same seed.
@@ -144,7 +145,7 @@ def sample_topk(
     else:
         dtype = logits.dtype if precision == "reference" else mx.float32
         if noise is not None:
-            q = noise
+            q = noise if isinstance(noise, mx.array) else mx.array(noise)  # host data, no sync
         elif generator is not None:
             q = generator.exponential(logits.shape, dtype)
         else:
