@@ -143,3 +143,21 @@ def test_entry_points(model_dir, tmp_path, entry):
     assert proc.returncode == 0, proc.stderr
     assert "wrote" in proc.stderr and "seed 3" in proc.stderr
     assert sf.info(str(out)).frames % SAMPLES_PER_FRAME == 0
+
+
+def test_converted_and_quantized_dirs_speak(model_dir, tmp_path):
+    """`csm-mlx convert` output is self-contained (tokenizer + embedded Mimi) and speaks, also 8-bit."""
+    from csm.cli.convert import main as convert_main
+
+    plain, quant = tmp_path / "mlx", tmp_path / "mlx-q8"
+    assert convert_main([str(model_dir), str(plain), "--dtype", "float32"]) == 0
+    assert convert_main([str(model_dir), str(quant), "--dtype", "float32", "--quantize", "8", "--group-size", "32"]) == 0
+    assert (plain / "tokenizer.json").is_file() and (plain / "codec.safetensors").is_file()
+    original, converted = tmp_path / "o.wav", tmp_path / "c.wav"
+    assert speak(model_dir, original, "--text", "Same weights.", "--seed", "9") == 0
+    assert speak(plain, converted, "--text", "Same weights.", "--seed", "9") == 0
+    assert original.read_bytes() == converted.read_bytes()
+    assert speak(quant, tmp_path / "q.wav", "--text", "Same weights.", "--seed", "9") == 0
+    assert speak(model_dir, tmp_path / "q4.wav", "--text", "Same weights.", "--seed", "9", "--quantize", "4") == 0
+    for name in ("q.wav", "q4.wav"):
+        assert sf.info(str(tmp_path / name)).frames % SAMPLES_PER_FRAME == 0

@@ -21,6 +21,7 @@ from csm.weights.csm_checkpoint import (
     original_to_hf,
     permute_rope_rows,
     rename,
+    to_original,
     unpermute_rope_rows,
 )
 from csm.weights.io import WeightsError, torch_to_mlx
@@ -128,8 +129,9 @@ def test_rope_permutation_is_convert_csm_and_inverts():
 
 
 def test_layouts_round_trip(args, weights):
-    original = hf_to_original(weights, args)
+    original = to_original(weights, args)
     assert detect_layout(original) == "original" and not any(k.startswith("codec_model") for k in original)
+    assert original.keys() == hf_to_original({k: v for k, v in weights.items() if "codec" not in k}, args).keys()
     back = original_to_hf(original, args)
     for key, value in back.items():
         np.testing.assert_array_equal(np.array(value), np.array(weights[key]), err_msg=key)

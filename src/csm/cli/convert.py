@@ -7,13 +7,16 @@ import logging
 import sys
 
 from ..weights.convert import QUANT_BITS, convert_csm
+from ..weights.hub import ModelNotAvailable, resolve_repo
 from ..weights.io import WeightsError
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
     """Options of ``csm-mlx convert``."""
     parser = argparse.ArgumentParser(prog="csm-mlx convert", description=__doc__)
-    parser.add_argument("source", help="checkpoint file or directory (original .pt/.safetensors, or transformers dir)")
+    parser.add_argument(
+        "source", help="checkpoint file or directory (original .pt/.safetensors, or transformers dir), or a hub repo id"
+    )
     parser.add_argument("out_dir", help="output directory (model.safetensors + config.json)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quantize", type=int, choices=QUANT_BITS, default=None, help="bits per weight")
@@ -26,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        out = convert_csm(args.source, args.out_dir, dtype=args.dtype, bits=args.quantize, group_size=args.group_size)
-    except (WeightsError, ValueError) as err:
+        source = resolve_repo(args.source)
+        out = convert_csm(source, args.out_dir, dtype=args.dtype, bits=args.quantize, group_size=args.group_size)
+    except (WeightsError, ValueError, ModelNotAvailable) as err:
         print(f"csm-mlx convert: {err}", file=sys.stderr)
         return 1
     print(out)

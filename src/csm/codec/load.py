@@ -19,8 +19,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from ..weights.io import WeightsError, check_shapes, read_tensors
-from ..weights.mimi_checkpoint import to_transformers_layout
+from ..weights.io import WeightsError, check_shapes, read_folder_tensors, read_tensors
+from ..weights.mimi_checkpoint import CODEC_PREFIX, to_transformers_layout
 from .conv import ConvTranspose1d
 from .mimi import Mimi, MimiArgs
 
@@ -38,8 +38,8 @@ def load_mimi(path: str | Path, num_codebooks: int = 32) -> Mimi:
     Args:
         path: the kyutai file (``tokenizer-e351c8d8-checkpoint125.safetensors``, released
             config), a ``MimiModel.save_pretrained`` directory (``config.json`` +
-            ``model.safetensors``), or a ``CsmForConditionalGeneration`` directory (its
-            ``codec_config`` and ``codec_model.*`` tensors).
+            ``model.safetensors``), or a ``CsmForConditionalGeneration`` / ``csm-mlx convert``
+            directory (its ``codec_config`` and ``codec_model.*`` tensors, sharded or not).
         num_codebooks: codebooks used by encode/decode (CSM: 32).
 
     Raises:
@@ -49,16 +49,14 @@ def load_mimi(path: str | Path, num_codebooks: int = 32) -> Mimi:
     path = Path(path)
     if not path.is_dir():
         return mimi_from_weights(read_tensors(path), None, num_codebooks, source=str(path))
-    config_file, weights_file = path / "config.json", path / "model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise WeightsError(f"{path} is not a Mimi directory: needs config.json and model.safetensors")
+    config_file = path / "config.json"
+    if not config_file.is_file() or not any(path.glob("*.safetensors")):
+        raise WeightsError(f"{path} is not a Mimi directory: needs config.json and .safetensors weights")
     config = json.loads(config_file.read_text())
     prefix = ""
-    if "codec_config" in config:  # a CSM transformers checkpoint embeds Mimi
-        config, prefix = config["codec_config"], "codec_model."
-    return mimi_from_weights(
-        read_tensors(weights_file), config, num_codebooks, prefix=prefix, source=str(weights_file)
-    )
+    if "codec_config" in config:  # a CSM transformers (or converted) checkpoint embeds Mimi
+        config, prefix = config["codec_config"], CODEC_PREFIX
+    return mimi_from_weights(read_folder_tensors(path, prefix), config, num_codebooks, prefix=prefix, source=str(path))
 
 
 def mimi_from_weights(

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from ..codec import load_mimi, mimi_from_weights
+from ..codec import load_mimi
 from ..models import load_csm
 from ..prompt import TextTokenizer
 from ..weights.hub import (
@@ -30,12 +30,11 @@ from ..weights.hub import (
     resolve_file,
     resolve_repo,
 )
-from ..weights.io import read_tensors
+from ..weights.convert import quantize_csm
 from .generator import Generator
 
 logger = logging.getLogger(__name__)
 
-CODEC_PREFIX = "codec_model."
 
 
 def load(
@@ -61,9 +60,7 @@ def load(
     root = resolve_repo(model)
     csm = load_csm(root, dtype=dtype)
     if quantize is not None:
-        from ..models import quantize_model
-
-        quantize_model(csm, bits=quantize, group_size=group_size)
+        quantize_csm(csm, bits=quantize, group_size=group_size)
     folder = root if root.is_dir() else root.parent
     return Generator(csm, _load_mimi(root, mimi), _load_tokenizer(root, tokenizer), weights_dir=folder)
 
@@ -86,12 +83,7 @@ def _load_mimi(root: Path, override: str | Path | None):
         return load_mimi(path if path.exists() else resolve_file(str(override), MIMI_FILENAME))
     folder = root if root.is_dir() else root.parent
     config_file = folder / "config.json"
-    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
-    if "codec_config" in config:  # transformers layout: Mimi is inside the CSM checkpoint
-        weights = {}
-        for shard in sorted(folder.glob("*.safetensors")):
-            weights.update({k: v for k, v in read_tensors(shard).items() if k.startswith(CODEC_PREFIX)})
-        if weights:
-            return mimi_from_weights(weights, config["codec_config"], prefix=CODEC_PREFIX)
+    if config_file.is_file() and "codec_config" in json.loads(config_file.read_text()):
+        return load_mimi(folder)  # transformers layout (or a converted copy): Mimi is inside
     local = folder / MIMI_FILENAME
     return load_mimi(local if local.is_file() else resolve_file(DEFAULT_MIMI_REPO, MIMI_FILENAME))

@@ -2,7 +2,8 @@
 
 The directory holds ``model.safetensors`` (csm-mlx parameter names = original checkpoint keys) and
 ``config.json`` (``{"model_type": "csm-mlx", "args": ..., "quantization": ...}``), read back by
-:func:`csm.models.load_csm`.
+:func:`csm.models.load_csm`; plus, when the source has them, its ``tokenizer.json`` and its embedded
+Mimi codec (``codec.safetensors`` + ``codec_config``), so ``csm-mlx speak --model OUT`` needs nothing else.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
@@ -17,6 +19,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..models.load import MLX_MODEL_TYPE, load_csm
+from .io import read_folder_tensors
+from .mimi_checkpoint import CODEC_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +85,34 @@ def convert_csm(
     config = {"model_type": MLX_MODEL_TYPE, "args": model.args.to_dict(), "dtype": dtype, "quantization": quantization}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    codec_config = _copy_companions(Path(source), out_dir)
+    if codec_config is not None:
+        config["codec_config"] = codec_config
     _write_atomically(out_dir / "model.safetensors", lambda tmp: mx.save_safetensors(str(tmp), weights))
     _write_atomically(out_dir / "config.json", lambda tmp: tmp.write_text(json.dumps(config, indent=2)))
     logger.info("wrote %s (%d tensors, quantization=%s)", out_dir, len(weights), quantization)
     return out_dir
+
+
+def _copy_companions(source: Path, out_dir: Path) -> dict | None:
+    """Carry the tokenizer and an embedded Mimi codec over, so ``out_dir`` is self-contained.
+
+    Returns the codec config when the source (a transformers directory) embeds Mimi under
+    ``codec_model.*``; its tensors are written to ``codec.safetensors`` unchanged.
+    """
+    folder = source if source.is_dir() else source.parent
+    tokenizer = folder / "tokenizer.json"
+    if tokenizer.is_file():
+        _write_atomically(out_dir / "tokenizer.json", lambda tmp: shutil.copyfile(tokenizer, tmp))
+    config_file = folder / "config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if "codec_config" not in config:
+        return None
+    codec = read_folder_tensors(folder, CODEC_PREFIX)
+    if not codec:
+        return None
+    _write_atomically(out_dir / "codec.safetensors", lambda tmp: mx.save_safetensors(str(tmp), codec))
+    return config["codec_config"]
 
 
 def _write_atomically(path: Path, write) -> None:

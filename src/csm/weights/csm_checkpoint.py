@@ -20,6 +20,7 @@ import mlx.core as mx
 from ..models.csm import CSMArgs
 from ..models.llama import FLAVORS, LlamaArgs
 from .io import WeightsError
+from .mimi_checkpoint import CODEC_PREFIX
 
 ORIGINAL = "original"
 TRANSFORMERS = "transformers"
@@ -118,11 +119,11 @@ def _permute_qk(weights: dict[str, mx.array], args: CSMArgs, fn) -> dict[str, mx
 
 
 def hf_to_original(weights: Mapping[str, mx.array], args: CSMArgs) -> dict[str, mx.array]:
-    """Transformers keys → original keys: rename, un-permute q/k, drop ``codec_model.*``, untie embeddings.
+    """Transformers keys → original keys: rename, un-permute q/k, untie embeddings.
 
     Unknown keys keep their name, so a strict check reports them as unexpected.
     """
-    weights = {k: v for k, v in weights.items() if not k.startswith("codec_model.")}
+    weights = dict(weights)
     tied = weights.pop(HF_TIED_AUDIO_EMBEDDINGS, None)
     # save_pretrained keeps only one of the two tied tensors (5.x: the depth decoder's).
     if tied is not None and HF_AUDIO_EMBEDDINGS not in weights:
@@ -138,7 +139,11 @@ def original_to_hf(weights: Mapping[str, mx.array], args: CSMArgs) -> dict[str, 
 
 
 def to_original(weights: Mapping[str, mx.array], args: CSMArgs, *, source: str = "checkpoint") -> dict[str, mx.array]:
-    """Detect the layout and return the weights under the original (= csm-mlx) names."""
+    """Detect the layout and return the weights under the original (= csm-mlx) names.
+
+    The Mimi codec a checkpoint may embed (``codec_model.*``) is left out: the codec loader reads it.
+    """
+    weights = {k: v for k, v in weights.items() if not k.startswith(CODEC_PREFIX)}
     if detect_layout(weights, source=source) == TRANSFORMERS:
         return hf_to_original(weights, args)
     return dict(weights)

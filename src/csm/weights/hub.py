@@ -47,7 +47,7 @@ def resolve_repo(name: str | Path, *, allow_patterns: list[str] | None = None) -
     if path.exists():
         return path
     if not is_repo_id(str(name)):
-        raise ModelNotAvailable(f"model path {name} does not exist (and is not a hub repo id owner/name)")
+        raise ModelNotAvailable(f"model path {name} not found (and it is not a hub repo id owner/name)")
     from huggingface_hub import snapshot_download
 
     patterns = allow_patterns or ["*.json", "*.safetensors", "*.model", "*.txt"]

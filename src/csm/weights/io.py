@@ -53,6 +53,18 @@ def read_tensors(path: str | Path) -> dict[str, mx.array]:
     return tensors
 
 
+def read_folder_tensors(folder: str | Path, prefix: str = "") -> dict[str, mx.array]:
+    """Tensors whose key starts with ``prefix`` from every ``.safetensors`` file of ``folder``.
+
+    Sharded checkpoints (``model-00001-of-00002.safetensors`` ...) are read whole; MLX loads
+    safetensors lazily, so tensors outside ``prefix`` cost no memory.
+    """
+    tensors: dict[str, mx.array] = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        tensors.update({k: v for k, v in read_tensors(shard).items() if k.startswith(prefix)})
+    return tensors
+
+
 def _read_torch(path: Path) -> dict[str, mx.array]:
     try:
         import torch

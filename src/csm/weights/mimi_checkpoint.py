@@ -14,6 +14,9 @@ import mlx.core as mx
 
 from .io import WeightsError
 
+#: Key prefix of the Mimi codec embedded in a CSM transformers checkpoint.
+CODEC_PREFIX = "codec_model."
+
 KYUTAI = "kyutai"
 TRANSFORMERS = "transformers"
 

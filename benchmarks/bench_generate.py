@@ -1,0 +1,115 @@
+"""End-to-end generation speed: CSM frames + Mimi decode at full size, random weights.
+
+Measures, in one process on one device (MLX's default device unless ``--cpu``):
+
+* prefill + first frame (time to first audio, before Mimi);
+* steady-state ms per frame of the frame loop, with speculation (frame t+1 built before
+  frame t is read — the ``seed`` path) and without (the ``torch_seed`` path);
+* Mimi decode ms per frame, one-shot and streaming (1 frame per call);
+* the real-time factor (compute s per audio s, < 1 is faster than real time) of
+  frame loop + streaming decode.
+
+The ratio speculative/non-speculative is measured in the same run. Random full-size weights
+(CSM-1B in ``--dtype``, Mimi in float32); the random model never stops early in practice.
+Run: ``python benchmarks/bench_generate.py [--frames 40] [--dtype bfloat16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import mlx.core as mx
+import numpy as np
+
+from csm.codec import Mimi, MimiArgs
+from csm.config import FRAME_MS, FRAME_WIDTH, NUM_CODEBOOKS
+from csm.generation.frames import FrameSamplers, generate_frames
+from csm.models import CSM, CSMArgs
+from csm.sampling import TorchCompatibleGenerator
+from csm.prompt import text_rows
+
+
+def build_csm(dtype: mx.Dtype) -> CSM:
+    model = CSM(CSMArgs.from_flavors("llama-1B", "llama-100M"))
+    model.audio_head = mx.random.normal(model.audio_head.shape) * 0.03
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def build_mimi() -> Mimi:
+    mimi = Mimi(MimiArgs(), num_codebooks=NUM_CODEBOOKS)
+    mx.eval(mimi.parameters())
+    return mimi
+
+
+def time_frames(model, tokens, mask, samplers, frames: int) -> tuple[float, float, list[np.ndarray]]:
+    """(seconds to the first frame, seconds per later frame, codes)."""
+    start = time.perf_counter()
+    codes, stamps = [], []
+    for frame in generate_frames(model, tokens, mask, samplers, max_frames=frames):
+        stamps.append(time.perf_counter())
+        codes.append(frame[0])
+    first = stamps[0] - start
+    per_frame = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return first, per_frame, codes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--prompt", type=int, default=200, help="prompt rows (text tokens)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    parser.add_argument("--cpu", action="store_true", help="run MLX on the CPU")
+    args = parser.parse_args()
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
+    model = build_csm(getattr(mx, args.dtype))
+    mimi = build_mimi()
+    rng = np.random.default_rng(0)
+    tokens, mask = text_rows(rng.integers(0, 128_000, args.prompt).tolist())
+    assert tokens.shape[1] == FRAME_WIDTH
+    draw = dict(temperature=0.9, topk=50)
+
+    time_frames(model, tokens[:8], mask[:8], FrameSamplers(key=mx.random.key(1), **draw), 3)  # warm-up
+    first, spec, codes = time_frames(model, tokens, mask, FrameSamplers(key=mx.random.key(0), **draw), args.frames)
+    _, nospec, _ = time_frames(
+        model, tokens, mask, FrameSamplers(generator=TorchCompatibleGenerator(0), **draw), args.frames
+    )
+    codes = mx.array(np.clip(np.stack(codes, axis=1), 0, 2047)[None])
+
+    mx.eval(mimi.decode(codes[..., :2]))  # warm-up
+    start = time.perf_counter()
+    mx.eval(mimi.decode(codes))
+    one_shot = (time.perf_counter() - start) / codes.shape[-1]
+    state = mimi.make_state(1)
+    mx.eval(mimi.decode_step(codes[..., :1], state))
+    start = time.perf_counter()
+    for t in range(1, codes.shape[-1]):
+        mx.eval(mimi.decode_step(codes[..., t : t + 1], state))
+    streaming = (time.perf_counter() - start) / (codes.shape[-1] - 1)
+
+    report = {
+        "device": str(mx.default_device()),
+        "machine": platform.machine(),
+        "mlx": mx.__version__,
+        "dtype": args.dtype,
+        "prompt_rows": args.prompt,
+        "frames": args.frames,
+        "first_frame_ms": round(first * 1e3, 1),
+        "frame_ms_speculative": round(spec * 1e3, 2),
+        "frame_ms_no_speculation": round(nospec * 1e3, 2),
+        "speculation_speedup": round(nospec / spec, 3),
+        "mimi_decode_ms_per_frame_one_shot": round(one_shot * 1e3, 2),
+        "mimi_decode_ms_per_frame_streaming": round(streaming * 1e3, 2),
+        "rtf_streaming": round((spec + streaming) * 1e3 / FRAME_MS, 3),
+        "peak_memory_gb": round(mx.get_peak_memory() / 1e9, 2),
+    }
+    print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
