@@ -63,9 +63,8 @@ def _race_scores(logits: mx.array, topk: int, temperature: float, q: mx.array, d
     shifted = x - mx.max(x, axis=-1, keepdims=True)
     lse = rnd(mx.log(rnd(mx.sum(mx.exp(shifted), axis=-1, keepdims=True))))
     logp = rnd(shifted - lse)
-    # softmax of the log-probabilities (computed in float, stored in dtype).
-    e = mx.exp(logp - mx.max(logp, axis=-1, keepdims=True))
-    probs = rnd(e * (1.0 / mx.sum(e, axis=-1, keepdims=True)))
+    # softmax of the log-probabilities (computed in float, stored in dtype); one fused MLX op.
+    probs = rnd(mx.softmax(logp, axis=-1))
     return rnd(probs / rnd(q.astype(mx.float32)))
 
 
