@@ -14,6 +14,7 @@ that replays torch's CPU stream (then the tokens equal the PyTorch reference's f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import mlx.core as mx
@@ -47,14 +48,14 @@ def filter_topk(logits: mx.array, topk: int) -> mx.array:
     return mx.where(logits < kth, mx.array(-mx.inf, logits.dtype), logits)
 
 
-def _rounder(dtype: mx.Dtype):
+def _rounder(dtype: mx.Dtype) -> Callable[[mx.array], mx.array]:
     """Rounding to the storage dtype at each of torch's store points (identity for float32)."""
     if dtype in _REDUCED:
         return lambda a: a.astype(dtype).astype(mx.float32)
     return lambda a: a
 
 
-def _race_scores(logits: mx.array, topk: int, temperature: float, q: mx.array, dtype: mx.Dtype):
+def _race_scores(logits: mx.array, topk: int, temperature: float, q: mx.array, dtype: mx.Dtype) -> mx.array:
     """``probs / q`` of the official sampler, in float32 with torch's rounding points for ``dtype``."""
     rnd = _rounder(dtype)
     # torch: bf16(float(x) / float(T)); float32 logits divide in float32.
@@ -81,7 +82,8 @@ def _exclude_safety(scores: mx.array) -> mx.array:
     return mx.where(excluded, mx.array(-mx.inf, scores.dtype), scores)
 
 
-def _check_args(logits, topk, temperature, precision, noise, key, generator) -> None:
+def _check_args(logits, topk, temperature, precision, noise, key, generator) -> None:  # noqa: ANN001
+    """One clear ValueError per bad argument (shapes and dtypes only: never reads device data)."""
     if not isinstance(logits, mx.array) or logits.ndim < 1:
         raise ValueError("logits must be an mx.array of shape (..., vocab)")
     if logits.dtype not in (mx.float32, *_REDUCED):

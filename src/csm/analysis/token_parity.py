@@ -235,12 +235,13 @@ def _shared_noise(rows: np.ndarray, noise: np.ndarray, topk: int, temperature: f
         lambda: torch_sample_topk(torch.from_numpy(rows), topk, temperature, torch.from_numpy(noise)).numpy()[:, 0]
     )
     tb, qb = torch.from_numpy(rows).bfloat16(), torch.from_numpy(noise).bfloat16()
+    theirs_bf16 = torch_sample_topk(tb, topk, temperature, qb).numpy()[:, 0]
     ours_bf16 = _mlx_tokens(x.astype(mx.bfloat16), topk, temperature, noise=q, precision="reference")
     safe = _mlx_tokens(x, topk, temperature, noise=q, safety=True)
     return {
         "shared_noise_identical": float(np.mean(ours == theirs)),
         "shared_noise_rounding_ties": rounding_ties(rows, noise, topk, temperature, ours, theirs),
-        "shared_noise_identical_bf16": float(np.mean(ours_bf16 == torch_sample_topk(tb, topk, temperature, qb).numpy()[:, 0])),
+        "shared_noise_identical_bf16": float(np.mean(ours_bf16 == theirs_bf16)),
         "safety_changed_rate": float(np.mean(safe != ours)),
         "mlx_draws_per_s": len(rows) / mlx_s,
         "torch_draws_per_s": len(rows) / torch_s,
@@ -280,14 +281,17 @@ def distribution_counts(row: np.ndarray, topk: int, temperature: float, draws: i
     return {
         "mlx": np.bincount(_mlx_tokens(batch, topk, temperature, key=keys[0]), minlength=vocab),
         "torch": np.bincount(theirs, minlength=vocab),
-        "mlx_safety": np.bincount(_mlx_tokens(batch, topk, temperature, key=keys[1], safety=True), minlength=vocab),
+        "mlx_safety": np.bincount(
+            _mlx_tokens(batch, topk, temperature, key=keys[1], safety=True), minlength=vocab
+        ),
     }
 
 
 def _distribution_metrics(counts: dict, probs: np.ndarray) -> dict:
     support = probs > 0
     freq = {name: c / c.sum() for name, c in counts.items()}
-    torch_smoothed = (counts["torch"] + KL_PSEUDO_COUNT * support) / (counts["torch"].sum() + KL_PSEUDO_COUNT * support.sum())
+    pseudo = KL_PSEUDO_COUNT * support
+    torch_smoothed = (counts["torch"] + pseudo) / (counts["torch"].sum() + pseudo.sum())
     return {
         "similarity_mlx_torch": similarity(freq["mlx"], freq["torch"]),
         "similarity_mlx_analytic": similarity(freq["mlx"], probs),
@@ -318,7 +322,9 @@ class Sources:
         return cls(rows=rows, probe=probe_row(rng))
 
 
-def run_cell(cfg: SweepConfig, sources: Sources, temperature: float, topk: int, cell_seed: int) -> tuple[CellResult, dict]:
+def run_cell(
+    cfg: SweepConfig, sources: Sources, temperature: float, topk: int, cell_seed: int
+) -> tuple[CellResult, dict]:
     """All metrics of one cell, plus the probe-row counts (for the histogram plot)."""
     rows = np.concatenate(list(sources.rows.values()))
     noise = np.random.default_rng(cell_seed).standard_exponential(rows.shape, dtype=np.float32)

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..config import AUDIO_VOCAB_SIZE
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:  # the analysis package imports torch: only load it once torch is known present
+    from ..analysis.token_parity import CellResult, SweepConfig
 
 DEFAULT_TEMPERATURES = "0.5,0.7,0.9,1.1,1.3"
 DEFAULT_TOPKS = f"1,10,50,100,200,{AUDIO_VOCAB_SIZE}"
@@ -64,7 +65,7 @@ def _numbers(text: str, kind: type, name: str) -> list:
         raise ValueError(f"--{name} must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
 
 
-def build_config(args: argparse.Namespace):
+def build_config(args: argparse.Namespace) -> SweepConfig:
     """Validated SweepConfig from the command line (ValueError with a clear message otherwise)."""
     from ..analysis.token_parity import FAMILIES, SweepConfig, load_logits
 
@@ -96,7 +97,7 @@ def build_config(args: argparse.Namespace):
     )
 
 
-def summary_table(results) -> str:
+def summary_table(results: list[CellResult]) -> str:
     """A fixed-width table of the main metrics, one line per cell."""
     widths = [max(len(title), 9) for title, _, _ in COLUMNS]
     lines = ["  ".join(title.rjust(w) for (title, _, _), w in zip(COLUMNS, widths))]
