@@ -37,9 +37,10 @@ def _peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed(fn) -> float:
+def _timed(fn, sync=lambda: None) -> float:
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
@@ -106,7 +107,7 @@ def teacher_forced_logits(model) -> np.ndarray:
     return np.concatenate([np.array(x) for x in logits])
 
 
-def run_torch(frames: int) -> dict:
+def run_torch(frames: int, device: str = "cpu") -> dict:
     import torch
     from transformers import CsmConfig, CsmForConditionalGeneration, DynamicCache
 
@@ -117,12 +118,13 @@ def run_torch(frames: int) -> dict:
     config = CsmConfig(rope_parameters=dict(ROPE_BACKBONE), depth_decoder_config={"rope_parameters": dict(ROPE_DECODER)})
     with torch.device("meta"):
         hf = CsmForConditionalGeneration(config)
-    hf = hf.to_empty(device="cpu").to(torch.bfloat16).eval()
+    hf = hf.to_empty(device=device).to(torch.bfloat16).eval()
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.02)
     ref = TorchCSM(hf)
-    tokens, mask = (torch.from_numpy(a) for a in _prompt())
+    tokens, mask = (torch.from_numpy(a).to(device) for a in _prompt())
     tokens = tokens.long()
 
     def sample(logits, _):  # the official sample_topk (exponential race), re-typed
@@ -134,21 +136,25 @@ def run_torch(frames: int) -> dict:
     with torch.no_grad():
         prefill = lambda: hf.lm_head(ref.backbone(tokens, mask, DynamicCache(config=hf.config))[:, -1])  # noqa: E731
         prefill()
-        prefill_s = _timed(prefill)
+        prefill_s = _timed(prefill, sync)
         cache = DynamicCache(config=hf.config)
         codes = ref.frame(tokens, mask, cache, sample)
-        row_mask = torch.from_numpy(np.r_[np.ones(32, bool), False][None, None])
+        row_mask = torch.from_numpy(np.r_[np.ones(32, bool), False][None, None]).to(device)
         times = []
         for _ in range(frames + 1):
-            row = torch.cat([codes, torch.zeros(1, 1, dtype=codes.dtype)], dim=1)[:, None]
+            row = torch.cat([codes, torch.zeros(1, 1, dtype=codes.dtype, device=device)], dim=1)[:, None]
             start = time.perf_counter()
             codes = ref.frame(row, row_mask, cache, sample)
+            sync()
             times.append(time.perf_counter() - start)
-    return {"prefill_s": prefill_s, "frame_s": min(times[1:]), "peak_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+    out = {"prefill_s": prefill_s, "frame_s": min(times[1:]), "peak_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+    if device == "cuda":
+        out["device_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
 
 
-def _child(backend: str, frames: int) -> dict:
-    cmd = [sys.executable, __file__, "--frames", str(frames), "--backend", backend]
+def _child(backend: str, frames: int, torch_device: str) -> dict:
+    cmd = [sys.executable, __file__, "--frames", str(frames), "--backend", backend, "--torch-device", torch_device]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
         raise SystemExit(f"{backend} run failed:\n{result.stderr[-3000:]}")
@@ -159,19 +165,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=3, help="timed frames (the fastest is reported)")
     parser.add_argument("--quantized", action="store_true", help="also run 8- and 4-bit MLX (slow on CPU)")
+    parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the PyTorch reference runs (MLX uses its default device)")
     parser.add_argument("--backend", choices=["mlx", "mlx-q8", "mlx-q4", "torch"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.backend:
         bits = {"mlx-q8": 8, "mlx-q4": 4}.get(args.backend)
-        print(json.dumps(run_torch(args.frames) if args.backend == "torch" else run_mlx(args.frames, bits)))
+        print(json.dumps(run_torch(args.frames, args.torch_device) if args.backend == "torch" else run_mlx(args.frames, bits)))
         return 0
     backends = ("torch", "mlx", "mlx-q8", "mlx-q4") if args.quantized else ("torch", "mlx")
     results = {}
     for backend in backends:
-        results[backend] = _child(backend, args.frames)
+        results[backend] = _child(backend, args.frames, args.torch_device)
         print(backend, json.dumps(results[backend]), flush=True)
     base = results["torch"]
-    print(f"CSM-1B random weights, bf16, batch 1, prompt {PROMPT_LEN} rows, {args.frames} timed frames")
+    print(f"CSM-1B random weights, bf16, batch 1, prompt {PROMPT_LEN} rows, {args.frames} timed frames, "
+          f"PyTorch on {args.torch_device}")
     print(f"{'backend':<8} {'prefill s':>10} {'ms/frame':>10} {'peak RSS GB':>12} {'prefill x':>10} {'frame x':>8} {'quality':>30}")
     for name, r in results.items():
         quality = f"err/std {r['mean_err_rel']:.4f} argmax {r['argmax_agree']:.3f}" if "argmax_agree" in r else ""

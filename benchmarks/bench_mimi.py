@@ -10,6 +10,7 @@ KV cache (it is not equal to the one-shot audio; timing only). Run: ``python ben
 from __future__ import annotations
 
 import argparse
+import inspect
 import platform
 import time
 
@@ -50,30 +51,41 @@ def main() -> None:
     parser.add_argument("--stream-frames", type=int, default=25, help="frames streamed one by one")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
+    parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu",
+                        help="where the PyTorch reference runs (MLX uses its default device)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     ref, ours = build(0)
+    ref = ref.to(args.torch_device)
+    sync = torch.cuda.synchronize if args.torch_device == "cuda" else (lambda: None)
     codes = np.random.default_rng(0).integers(0, 2048, (1, 32, args.frames))
-    codes_t, codes_m = torch.from_numpy(codes), mx.array(codes.astype(np.int32))
+    codes_t, codes_m = torch.from_numpy(codes).to(args.torch_device), mx.array(codes.astype(np.int32))
 
     with torch.no_grad():
-        ref_audio = ref.decode(codes_t).audio_values.numpy()
+        ref_audio = ref.decode(codes_t).audio_values.cpu().numpy()
     ours_audio = np.array(ours.decode(codes_m))
     err = np.abs(ours_audio - ref_audio).max() / np.abs(ref_audio).max()
 
     def torch_one_shot():
         with torch.no_grad():
             ref.decode(codes_t)
+        sync()
 
     def mlx_one_shot():
         mx.eval(ours.decode(codes_m))
+
+    # transformers renamed the decoder cache argument across 5.x releases.
+    params = inspect.signature(ref.decode).parameters
+    cache_arg = next(n for n in ("decoder_cache", "decoder_past_key_values") if n in params)
+    extra = {"use_cache": True} if "use_cache" in params else {}
 
     def torch_stream():
         cache = None
         with torch.no_grad():
             for t in range(args.stream_frames):
-                out = ref.decode(codes_t[:, :, t : t + 1], decoder_cache=cache, use_cache=True)
-                cache = out.decoder_cache
+                out = ref.decode(codes_t[:, :, t : t + 1], **{cache_arg: cache}, **extra)
+                cache = getattr(out, cache_arg)
+        sync()
 
     def mlx_stream():
         state = ours.make_state()
@@ -86,7 +98,8 @@ def main() -> None:
         "streaming": (best_of(torch_stream, args.repeats) / args.stream_frames,
                       best_of(mlx_stream, args.repeats) / args.stream_frames),
     }  # fmt: skip
-    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch threads {args.threads}, "
+    print(f"machine: {platform.machine()} {platform.processor() or ''}, torch on {args.torch_device} "
+          f"({args.threads} CPU threads), "
           f"mlx {mx.__version__} ({mx.default_device()}), torch {torch.__version__}")  # fmt: skip
     print(f"decode parity (full size, {args.frames} frames): max abs err / max |ref| = {err:.2e}")
     print(f"{'mode':<10} {'torch ms/frame':>15} {'mlx ms/frame':>13} {'torch/mlx':>10} {'mlx RTF':>8}")

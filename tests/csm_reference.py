@@ -61,7 +61,7 @@ class TorchCSM:
         self.vocab = hf.config.vocab_size
 
     def embed(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        offsets = torch.arange(self.k) * self.vocab
+        offsets = torch.arange(self.k, device=tokens.device) * self.vocab
         audio = self.hf.backbone_model.embed_tokens.embed_audio_tokens(tokens[..., : self.k] + offsets)
         text = self.hf.embed_text_tokens(tokens[..., self.k :])
         return (torch.cat([audio, text], dim=-2) * mask[..., None]).sum(dim=2)
