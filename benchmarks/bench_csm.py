@@ -114,6 +114,8 @@ def run_torch(frames: int, device: str = "cpu") -> dict:
     sys.path.insert(0, "tests")
     from csm_reference import ROPE_BACKBONE, ROPE_DECODER, TorchCSM
 
+    from csm.analysis.token_parity import torch_sample_topk
+
     torch.manual_seed(0)
     config = CsmConfig(rope_parameters=dict(ROPE_BACKBONE), depth_decoder_config={"rope_parameters": dict(ROPE_DECODER)})
     with torch.device("meta"):
@@ -127,11 +129,8 @@ def run_torch(frames: int, device: str = "cpu") -> dict:
     tokens, mask = (torch.from_numpy(a).to(device) for a in _prompt())
     tokens = tokens.long()
 
-    def sample(logits, _):  # the official sample_topk (exponential race), re-typed
-        logits = logits / TEMPERATURE
-        logits = logits.masked_fill(logits < torch.topk(logits, TOPK)[0][..., -1, None], -float("inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
+    def sample(logits, _):  # the official sample_topk (exponential race)
+        return torch_sample_topk(logits, TOPK, TEMPERATURE, torch.empty_like(logits).exponential_(1))[:, 0]
 
     with torch.no_grad():
         prefill = lambda: hf.lm_head(ref.backbone(tokens, mask, DynamicCache(config=hf.config))[:, -1])  # noqa: E731

@@ -1,4 +1,4 @@
-"""csm.sampling.sample_topk against the official PyTorch sampler, re-typed here as plain torch."""
+"""csm.sampling.sample_topk against the official PyTorch sampler, re-typed as plain torch in tests/torch_reference.py."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from csm.sampling import TORCH_EPSILON, TorchCompatibleGenerator, sample_topk
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
+from torch_reference import torch_sample_topk  # noqa: E402  (the official sampler, re-typed in plain torch)
+
 VOCAB = 2051
 TEMPERATURES = [0.5, 0.7, 0.9, 1.1, 1.3]
 TOPKS = [1, 10, 50, 100, 200, VOCAB]
@@ -27,16 +29,6 @@ BF16_MIN_IDENTICAL_RATE = 0.9999
 CHI2_ALPHA = 1e-3
 CHI2_VOCAB = 256
 
-
-def torch_sample_topk(logits, topk, temperature, q):
-    """The official models.py sampler; q is the exponential_ draw it makes internally."""
-    logits = logits / temperature
-    filter_value = -float("Inf")
-    indices_to_remove = logits < torch.topk(logits, min(topk, logits.shape[-1]))[0][..., -1, None]
-    scores_processed = logits.masked_fill(indices_to_remove, filter_value)
-    scores_processed = torch.nn.functional.log_softmax(scores_processed, dim=-1)
-    probs = torch.nn.functional.softmax(scores_processed, dim=-1)
-    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
 def test_topk_one_keeps_ties_at_the_maximum():

@@ -12,16 +12,20 @@ import torch
 from transformers import DynamicCache
 
 
-def official_sample_topk(logits: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
-    """``sample_topk`` of the official models.py: temperature, top-k (ties kept), exponential race."""
+def torch_sample_topk(logits: torch.Tensor, topk: int, temperature: float, q: torch.Tensor) -> torch.Tensor:
+    """The official models.py sampler with its ``exponential_`` draw ``q`` passed in (shared-noise tests)."""
     logits = logits / temperature
-    filter_value = -float("inf")
-    indices_to_remove = logits < torch.topk(logits, topk)[0][..., -1, None]
-    scores = logits.masked_fill(indices_to_remove, filter_value)
-    scores = torch.nn.functional.log_softmax(scores, dim=-1)
-    probs = torch.nn.functional.softmax(scores, dim=-1)
-    q = torch.empty_like(probs).exponential_(1)
+    filter_value = -float("Inf")
+    indices_to_remove = logits < torch.topk(logits, min(topk, logits.shape[-1]))[0][..., -1, None]
+    scores_processed = logits.masked_fill(indices_to_remove, filter_value)
+    scores_processed = torch.nn.functional.log_softmax(scores_processed, dim=-1)
+    probs = torch.nn.functional.softmax(scores_processed, dim=-1)
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def official_sample_topk(logits: torch.Tensor, topk: int, temperature: float) -> torch.Tensor:
+    """``sample_topk`` + ``_multinomial_sample_one_no_sync``: draws ``q ~ Exp(1)`` from torch's global RNG."""
+    return torch_sample_topk(logits, topk, temperature, torch.empty_like(logits).exponential_(1))
 
 
 def _embed_rows(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
