@@ -216,3 +216,16 @@ def test_models_never_sync_with_the_host():
         if re.search(r"\.item\(\)|\.tolist\(\)|np\.array\(|mx\.eval\(", line) and path.name != "load.py"
     ]
     assert not offenders, offenders
+
+
+def test_model_code_has_no_host_syncs():
+    """A whole frame stays lazy: nothing in csm.models reads device data back to the host."""
+    import re
+    from pathlib import Path
+
+    import csm.models
+
+    frame_code = [p for p in Path(csm.models.__file__).parent.glob("*.py") if p.name != "load.py"]  # load evaluates weights once
+    assert len(frame_code) >= 3
+    for path in frame_code:
+        assert not re.search(r"\.item\(|\.tolist\(|np\.(as)?array\(|mx\.eval\(|__array__", path.read_text()), path
