@@ -75,7 +75,7 @@ def test_conversation_matches_reference_turn_by_turn(speaker, tiny):
     """Each turn is generated with the earlier turns (text + codes) as context, one noise stream."""
     turns = [Turn(0, "Hello there!"), Turn(1, "Hi, how are you?"), Turn(0, "Fine, thanks.")]
     result = speaker.synthesize(turns, torch_seed=3, max_audio_length_ms=MAX_MS)
-    assert len(result.codes) == len(turns) == len(result.turns)
+    assert len(result.codes) == len(turns) == len(result.turn_audio)
     assert result.audio.shape[0] == sum(c.shape[1] for c in result.codes) * SAMPLES_PER_FRAME
     torch.manual_seed(3)
     history = []

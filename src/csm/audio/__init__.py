@@ -1,10 +1,9 @@
-"""Audio files in and out: read/downmix/resample, atomic writes, trimming and joining."""
+"""Audio files in and out: read/downmix/resample, atomic writes, trailing-silence trimming."""
 
 from .io import (
     AudioError,
     AudioWriter,
     check_output_path,
-    crossfade_join,
     read_audio,
     trim_trailing_silence,
     write_audio,
@@ -14,7 +13,6 @@ __all__ = [
     "AudioError",
     "AudioWriter",
     "check_output_path",
-    "crossfade_join",
     "read_audio",
     "trim_trailing_silence",
     "write_audio",

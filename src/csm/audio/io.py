@@ -153,26 +153,3 @@ def trim_trailing_silence(
         return pcm
     end = (loud[-1] + 1) * window + int(sample_rate * keep_ms / 1000)
     return pcm[: min(len(pcm), end)]
-
-
-def crossfade_join(
-    pieces: list[np.ndarray], sample_rate: int = SAMPLE_RATE, *, crossfade_ms: float = 10.0,
-    silence_ms: float = 0.0,
-) -> np.ndarray:
-    """Join PCM pieces with an optional silence gap and a short linear crossfade at each seam."""
-    pieces = [np.asarray(p, dtype=np.float32).reshape(-1) for p in pieces if len(p)]
-    if not pieces:
-        return np.zeros(0, dtype=np.float32)
-    gap = np.zeros(int(sample_rate * silence_ms / 1000), dtype=np.float32)
-    fade = int(sample_rate * crossfade_ms / 1000)
-    out = pieces[0]
-    for piece in pieces[1:]:
-        piece = np.concatenate([gap, piece]) if gap.size else piece
-        n = min(fade, len(out), len(piece))
-        if n == 0:
-            out = np.concatenate([out, piece])
-            continue
-        ramp = np.linspace(0.0, 1.0, n, dtype=np.float32)
-        seam = out[-n:] * (1.0 - ramp) + piece[:n] * ramp
-        out = np.concatenate([out[:-n], seam, piece[n:]])
-    return out

@@ -192,7 +192,7 @@ def speak_to_file(speaker, turns, context, options, args, audio_format) -> np.nd
     progress = _progress(args)
     result = speaker.synthesize(turns, context, on_frame=lambda _turn: progress.update(1), **options)
     progress.close()
-    pieces = [trim_trailing_silence(p) if args.trim_silence else p for p in result.turns]
+    pieces = [trim_trailing_silence(p) if args.trim_silence else p for p in result.turn_audio]
     joined = []
     for index, piece in enumerate(pieces):
         joined += [_pause(args)] * bool(index) + [piece]

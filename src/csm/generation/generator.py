@@ -45,7 +45,15 @@ class Turn:
 
 @dataclass
 class Speech:
-    """The result of a generation: audio, codes per turn, and how long it took."""
+    """The result of a generation.
+
+    Attributes:
+        audio: all turns concatenated, float32 at 24 kHz.
+        codes: Mimi codes ``(32, T)`` of each turn.
+        seed / torch_seed: the noise source used (to repeat the run), when it was a seed.
+        elapsed_s: wall time of generation and decoding.
+        turn_audio: each turn's audio on its own.
+    """
 
     audio: np.ndarray
     codes: list[np.ndarray]
@@ -53,7 +61,7 @@ class Speech:
     torch_seed: int | None
     elapsed_s: float
     sample_rate: int = SAMPLE_RATE
-    turns: list[np.ndarray] = field(default_factory=list)
+    turn_audio: list[np.ndarray] = field(default_factory=list)
 
     @property
     def duration_s(self) -> float:
@@ -193,7 +201,7 @@ class Generator:
         pieces = [self._decode(c) for c in codes]
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         elapsed = time.perf_counter() - started
-        return Speech(audio, codes, opts.noise.seed, opts.noise.torch_seed, elapsed, turns=pieces)
+        return Speech(audio, codes, opts.noise.seed, opts.noise.torch_seed, elapsed, turn_audio=pieces)
 
     def stream_turns(
         self, turns: Sequence[Turn], context: Sequence[Segment] = (), *, chunk_frames: int = 1, **options
