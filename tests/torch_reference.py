@@ -69,7 +69,7 @@ def official_generate(model, tokens, mask, *, max_frames: int, topk: int, temper
     if seed is not None:
         torch.manual_seed(seed)
     tokens = torch.as_tensor(tokens).long()[None]
-    mask = torch.as_tensor(mask)[None].to(torch.float32)
+    mask = torch.as_tensor(mask)[None]  # bool: the masked sum keeps the model's dtype
     cache = DynamicCache(config=model.backbone_model.config)
     frames = []
     for _ in range(max_frames):
@@ -78,5 +78,5 @@ def official_generate(model, tokens, mask, *, max_frames: int, topk: int, temper
             break
         frames.append(frame[0])
         tokens = torch.cat([frame, torch.zeros(1, 1, dtype=frame.dtype)], dim=1)[:, None].long()
-        mask = torch.cat([torch.ones(1, frame.shape[1]), torch.zeros(1, 1)], dim=1)[:, None]
+        mask = torch.cat([torch.ones(1, frame.shape[1], dtype=torch.bool), torch.zeros(1, 1, dtype=torch.bool)], dim=1)[:, None]
     return torch.stack(frames, dim=1).numpy() if frames else torch.zeros(32, 0, dtype=torch.int32).numpy()
