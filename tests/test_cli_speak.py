@@ -161,3 +161,19 @@ def test_converted_and_quantized_dirs_speak(model_dir, tmp_path):
     assert speak(model_dir, tmp_path / "q4.wav", "--text", "Same weights.", "--seed", "9", "--quantize", "4") == 0
     for name in ("q.wav", "q4.wav"):
         assert sf.info(str(tmp_path / name)).frames % SAMPLES_PER_FRAME == 0
+
+
+def test_saved_logits_feed_the_token_tool(model_dir, tmp_path):
+    """--save-logits rows (frames × 32, V) are accepted by `csm-mlx token-test --logits`."""
+    from csm.cli.mlx_token_test import main as token_test
+
+    logits = tmp_path / "logits.npy"
+    assert speak(model_dir, tmp_path / "l.wav", "--text", "Logits please.", "--seed", "4",
+                 "--save-logits", str(logits)) == 0
+    rows = np.load(logits)
+    frames = sf.info(str(tmp_path / "l.wav")).frames // SAMPLES_PER_FRAME
+    assert rows.shape == (frames * 32, 64) and np.isfinite(rows).all()
+    assert token_test(["--logits", str(logits), "--temperatures", "0.9", "--topk", "10", "--draws", "40",
+                       "--dist-draws", "400", "--no-plots", "--no-progress",
+                       "--out", str(tmp_path / "rep")]) == 0
+    assert (tmp_path / "rep" / "token_parity.json").is_file()

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 
 from ..audio import AudioError, AudioWriter, check_output_path, read_audio, trim_trailing_silence, write_audio
@@ -76,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--pause-ms", type=float, default=150.0, help="silence between sentences / turns")
     out.add_argument("--trim-silence", action="store_true", help="trim trailing silence of each turn")
     out.add_argument("--no-watermark", action="store_true", help="skip the silentcipher watermark")
+    out.add_argument("--save-logits", type=Path,
+                     help="also save every sampled logits row as .npy (N, V), for `csm-mlx token-test --logits`")
     out.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
@@ -164,6 +167,8 @@ def run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     started = time.perf_counter()
+    if (args.stream or args.play) and args.save_logits:
+        raise ValueError("--save-logits works without --stream/--play")
     if args.stream or args.play:
         audio = stream_to_file(speaker, turns, context, options, args, audio_format)
     else:
@@ -190,8 +195,14 @@ def _finish(audio: np.ndarray, args) -> np.ndarray:
 
 def speak_to_file(speaker, turns, context, options, args, audio_format) -> np.ndarray:
     progress = _progress(args)
-    result = speaker.synthesize(turns, context, on_frame=lambda _turn: progress.update(1), **options)
+    logits = [] if args.save_logits else None
+    result = speaker.synthesize(turns, context, on_frame=lambda _turn: progress.update(1), record_logits=logits,
+                                **options)
     progress.close()
+    if logits:
+        rows = np.concatenate([np.array(x.astype(mx.float32)) for x in logits])
+        np.save(args.save_logits, rows)
+        logger.info("saved %d logits rows to %s", len(rows), args.save_logits)
     pieces = [trim_trailing_silence(p) if args.trim_silence else p for p in result.turn_audio]
     joined = []
     for index, piece in enumerate(pieces):

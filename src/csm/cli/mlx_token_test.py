@@ -51,7 +51,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--families", default="peaked,flat,zipf,ties,bf16", help="synthetic logits families")
     parser.add_argument("--logits", type=Path, help="a .npy of real logits, (V,) or (..., V); replaces the families")
     parser.add_argument("--seed", type=int, default=0, help="seed of the whole sweep (same seed, same report)")
-    parser.add_argument("--hist-cell", default="0.9,50", help="temperature,top-k of the histogram plot")
+    parser.add_argument("--hist-cell", default=None,
+                        help="temperature,top-k of the histogram plot (default 0.9,50 if in the grid, else the first cell)")
     parser.add_argument("--out", type=Path, default=Path("reports/token_test"), help="output directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -63,6 +64,12 @@ def _numbers(text: str, kind: type, name: str) -> list:
         return [kind(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ValueError(f"--{name} must be a comma-separated list of {kind.__name__} values, got {text!r}") from None
+
+
+def _default_hist_cell(temperatures: list[float], topks: list[int]) -> str:
+    if 0.9 in temperatures and 50 in topks:
+        return "0.9,50"
+    return f"{temperatures[0]},{topks[0]}"
 
 
 def build_config(args: argparse.Namespace) -> SweepConfig:
@@ -81,7 +88,7 @@ def build_config(args: argparse.Namespace) -> SweepConfig:
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown or not families:
         raise ValueError(f"unknown --families {unknown or args.families!r}; choose from {', '.join(FAMILIES)}")
-    hist = _numbers(args.hist_cell, float, "hist-cell")
+    hist = _numbers(args.hist_cell or _default_hist_cell(temperatures, topks), float, "hist-cell")
     if len(hist) != 2 or hist[0] not in temperatures or int(hist[1]) not in topks:
         raise ValueError(f"--hist-cell must be one temperature,top-k pair of the grid, got {args.hist_cell!r}")
     logits = load_logits(args.logits) if args.logits is not None else None

@@ -37,6 +37,8 @@ class FrameSamplers:
         key / generator: the noise source (exactly one).
         safety: exclude codes 1..31 (the original MLX port's "MIMI safety"); changes the distribution.
         precision: the sampler's arithmetic, see :func:`csm.sampling.sample_topk`.
+        record: if given, every logits array the sampler sees is appended to it, in sampling
+            order (for ``csm-mlx token-test --logits``).
     """
 
     def __init__(
@@ -48,10 +50,11 @@ class FrameSamplers:
         generator: TorchCompatibleGenerator | None = None,
         safety: bool = False,
         precision: str = "float32",
+        record: list[mx.array] | None = None,
     ):
         if (key is None) == (generator is None):
             raise ValueError("give exactly one noise source: an MLX key or a TorchCompatibleGenerator")
-        self._key, self._generator = key, generator
+        self._key, self._generator, self._record = key, generator, record
         #: Whether the next frame may be built before this one is read. Not with a torch-compatible
         #: stream: a frame after the end frame would consume noise the reference never draws,
         #: shifting the stream of a following turn.
@@ -60,13 +63,20 @@ class FrameSamplers:
 
     def next_frame(self) -> Sampler:
         """The sampler for the next frame (call once per frame, in order)."""
-        draw = self._draw
+        draw, record = self._draw, self._record
         if self._generator is not None:
-            generator = self._generator
-            return lambda logits, _codebook: sample_topk(logits, generator=generator, **draw)
-        self._key, frame_key = mx.random.split(self._key)
-        keys = mx.random.split(frame_key, NUM_CODEBOOKS)
-        return lambda logits, codebook: sample_topk(logits, key=keys[codebook], **draw)
+            noise = lambda _codebook: {"generator": self._generator}  # noqa: E731
+        else:
+            self._key, frame_key = mx.random.split(self._key)
+            keys = mx.random.split(frame_key, NUM_CODEBOOKS)
+            noise = lambda codebook: {"key": keys[codebook]}  # noqa: E731
+
+        def sampler(logits: mx.array, codebook: int) -> mx.array:
+            if record is not None:
+                record.append(logits)  # lazy: computed with the frame anyway
+            return sample_topk(logits, **noise(codebook), **draw)
+
+        return sampler
 
 
 def check_sampling(topk: int, temperature: float) -> None:

@@ -174,6 +174,7 @@ class Generator:
         context: Sequence[Segment] = (),
         *,
         on_frame: Callable[[int], None] | None = None,
+        record_logits: list[mx.array] | None = None,
         **options,
     ) -> Speech:
         """Generate several turns in order; each turn's codes join the context of the next.
@@ -187,13 +188,14 @@ class Generator:
             context: segments heard before the first turn (e.g. a voice); kept longest when
                 the 2048-position budget forces dropping context.
             on_frame: called with the turn index after every generated frame (progress bars).
+            record_logits: if given, every sampled logits array ``(B, V)`` is appended to it.
             **options: temperature (0.9), topk (50), seed / torch_seed / key / generator,
                 safety, precision, max_audio_length_ms (default: derived from each turn's text).
         """
         started = time.perf_counter()
         opts = _Options.parse(options)
         frames: list[list[np.ndarray]] = [[] for _ in turns]
-        for turn, frame in self._frames(turns, context, opts):
+        for turn, frame in self._frames(turns, context, opts, record_logits):
             frames[turn].append(frame)
             if on_frame is not None:
                 on_frame(turn)
@@ -239,7 +241,7 @@ class Generator:
         return np.array(self.mimi.decode(mx.array(codes[None]))).reshape(-1)
 
     def _frames(
-        self, turns: Sequence[Turn], context: Sequence[Segment], opts: "_Options"
+        self, turns: Sequence[Turn], context: Sequence[Segment], opts: "_Options", record: list | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(turn index, codes (32,))`` for every generated frame of every turn."""
         for turn in turns:
@@ -247,7 +249,7 @@ class Generator:
                 raise ValueError("text is empty: give the words to speak")
         history = self.prepare_context(context)
         pinned = len(history)
-        samplers = opts.noise.samplers(**opts.draw)
+        samplers = opts.noise.samplers(record=record, **opts.draw)
         for index, turn in enumerate(turns):
             max_frames = frames_for_ms(opts.max_audio_length_ms or default_max_audio_ms(turn.text))
             history, pinned = self.fit_context(history, turn, max_frames, pinned)
