@@ -177,3 +177,21 @@ def test_saved_logits_feed_the_token_tool(model_dir, tmp_path):
                        "--dist-draws", "400", "--no-plots", "--no-progress",
                        "--out", str(tmp_path / "rep")]) == 0
     assert (tmp_path / "rep" / "token_parity.json").is_file()
+
+
+def test_named_voice_from_the_weights_folder(model_dir, tmp_path, monkeypatch, capsys):
+    prompts = model_dir / "prompts"
+    prompts.mkdir(exist_ok=True)
+    t = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    sf.write(str(prompts / "conversational_a.wav"), 0.2 * np.sin(2 * np.pi * 150 * t), SAMPLE_RATE)
+    out = tmp_path / "named.wav"
+    assert speak(model_dir, out, "--text", "Hi.", "--voice", "conversational_a", "--seed", "1") == 0
+    assert sf.info(str(out)).frames % SAMPLES_PER_FRAME == 0
+    # conversational_b is neither in the folder nor downloadable offline: one clear sentence.
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at call time
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    assert speak(model_dir, tmp_path / "b.wav", "--text", "Hi.", "--voice", "conversational_b") == 1
+    assert "sesame/csm-1b" in capsys.readouterr().err
+    assert not (tmp_path / "b.wav").exists()

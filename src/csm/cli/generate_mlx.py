@@ -18,7 +18,7 @@ import numpy as np
 from ..audio import AudioError, AudioWriter, check_output_path, read_audio, trim_trailing_silence, write_audio
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..prompt import Segment
-from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable
+from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, is_repo_id
 from ..weights.io import WeightsError
 
 logger = logging.getLogger("csm")
@@ -162,7 +162,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     speaker = load(args.model, dtype=args.dtype, quantize=args.quantize, tokenizer=args.tokenizer, mimi=args.mimi)
     if args.voice:
-        context = load_voice(args.voice, args.speaker, weights_dir=speaker.weights_dir) + context
+        repo = args.model if is_repo_id(args.model) else None
+        context = load_voice(args.voice, args.speaker, weights_dir=speaker.weights_dir, weights_repo=repo) + context
     logger.info("model ready in %.1f s", time.perf_counter() - started)
 
     options = sampling_options(args)

@@ -8,7 +8,7 @@ The base model picks a new voice on every run unless the prompt carries audio of
 * a JSON file: ``[{"audio": "a.wav", "text": "...", "speaker": 0}, ...]`` (paths relative to it);
 * a named voice shipped with the weights: ``conversational_a`` / ``conversational_b`` are the
   prompts of ``sesame/csm-1b`` (``prompts/*.wav``), read from the weights folder if present,
-  else downloaded from that (gated) repo.
+  else downloaded from the weights' hub repo if it has them, else from ``sesame/csm-1b`` (gated).
 
 To clone a voice the context must carry the same speaker id as the new turn, so segments
 without an explicit ``speaker`` take the speaker being generated.
@@ -17,11 +17,14 @@ without an explicit ``speaker`` take the speaker being generated.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from ..audio import read_audio
 from ..prompt import Segment
-from ..weights.hub import resolve_file
+from ..weights.hub import ModelNotAvailable, resolve_file
+
+logger = logging.getLogger(__name__)
 
 #: The official prompts (``SesameAILabs/csm`` ``run_csm.py``): file in the weights repo, transcript.
 NAMED_VOICES: dict[str, tuple[str, str]] = {
@@ -46,13 +49,16 @@ NAMED_VOICES: dict[str, tuple[str, str]] = {
 VOICE_REPO = "sesame/csm-1b"
 
 
-def load_voice(voice: str | Path, speaker: int, *, weights_dir: Path | None = None) -> list[Segment]:
+def load_voice(
+    voice: str | Path, speaker: int, *, weights_dir: Path | None = None, weights_repo: str | None = None
+) -> list[Segment]:
     """Read a voice (folder, JSON file or name) into context segments.
 
     Args:
         voice: see the module docstring.
         speaker: speaker id for segments that don't name one (the speaker being generated).
         weights_dir: the resolved weights folder, searched first for named voices.
+        weights_repo: the hub repo the weights came from, tried next.
 
     Raises:
         ValueError: the voice cannot be found or is malformed (audio errors name the file).
@@ -65,13 +71,22 @@ def load_voice(voice: str | Path, speaker: int, *, weights_dir: Path | None = No
         return _from_json(path, speaker)
     if str(voice) in NAMED_VOICES:
         filename, transcript = NAMED_VOICES[str(voice)]
-        local = weights_dir / filename if weights_dir else None
-        audio_path = local if local and local.is_file() else resolve_file(VOICE_REPO, filename)
-        return [Segment(speaker, transcript, read_audio(audio_path))]
+        return [Segment(speaker, transcript, read_audio(_named_voice_file(filename, weights_dir, weights_repo)))]
     raise ValueError(
         f"voice {voice!r} not found: give a folder of .wav + .txt files, a JSON file, "
         f"or one of {', '.join(NAMED_VOICES)}"
     )
+
+
+def _named_voice_file(filename: str, weights_dir: Path | None, weights_repo: str | None) -> Path:
+    if weights_dir is not None and (weights_dir / filename).is_file():
+        return weights_dir / filename
+    if weights_repo and weights_repo != VOICE_REPO:
+        try:
+            return resolve_file(weights_repo, filename)
+        except ModelNotAvailable:
+            logger.info("%s has no %s; trying %s", weights_repo, filename, VOICE_REPO)
+    return resolve_file(VOICE_REPO, filename)
 
 
 def _from_folder(folder: Path, speaker: int) -> list[Segment]:
