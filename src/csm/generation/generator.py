@@ -162,6 +162,36 @@ class Generator:
         """
         return self.synthesize([Turn(speaker, text)], context, **options).audio
 
+    def generate_batch(
+        self, texts: Sequence[str], speaker: int = 0, context: Sequence[Segment] = (), **options
+    ) -> list[np.ndarray]:
+        """Speak several texts at once (one batched frame loop); returns one waveform per text.
+
+        Prompts of different lengths are left-padded; every row stops at its own end frame
+        (or the cap derived from the longest text). Sampling options as for :meth:`generate`;
+        rows draw from one noise stream, so a row's tokens differ from a single-text run with
+        the same seed (greedy, ``temperature=0``, gives the same tokens).
+        """
+        opts = _Options.parse(options)
+        if not texts:
+            raise ValueError("texts is empty: give at least one text")
+        history = self.prepare_context(context)
+        turns = [Turn(speaker, text) for text in texts]
+        max_frames = frames_for_ms(opts.max_audio_length_ms or max(default_max_audio_ms(t) for t in texts))
+        prompts = []
+        for turn in turns:
+            _check_text(turn.text)
+            kept, _ = self.fit_context(history, turn, max_frames, len(history))
+            prompts.append(build_prompt(self.tokenizer, kept, turn.speaker, turn.text))
+        tokens, mask = left_pad(prompts)
+        samplers = opts.noise.samplers(**opts.draw)
+        rows: list[list[np.ndarray]] = [[] for _ in texts]
+        for frame in generate_frames(self.model, tokens, mask, samplers, max_frames=max_frames):
+            for row, codes in zip(rows, frame):
+                if codes.any():  # rows that have ended come back as all-zero frames
+                    row.append(codes)
+        return [self._decode(np.stack(r, axis=1) if r else np.zeros((32, 0), np.int32)) for r in rows]
+
     def generate_stream(
         self, text: str, speaker: int = 0, context: Sequence[Segment] = (), *, chunk_frames: int = 1, **options
     ) -> Iterator[AudioChunk]:
@@ -245,8 +275,7 @@ class Generator:
     ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(turn index, codes (32,))`` for every generated frame of every turn."""
         for turn in turns:
-            if not turn.text or not turn.text.strip():
-                raise ValueError("text is empty: give the words to speak")
+            _check_text(turn.text)
         history = self.prepare_context(context)
         pinned = len(history)
         samplers = opts.noise.samplers(record=record, **opts.draw)
@@ -292,3 +321,19 @@ class _Options:
             raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {max_ms}")
         check_sampling(draw["topk"], draw["temperature"])
         return cls(noise, draw, max_ms)
+
+
+def _check_text(text: str) -> None:
+    if not text or not text.strip():
+        raise ValueError("text is empty: give the words to speak")
+
+
+def left_pad(prompts: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Stack prompts ``(S_i, 33)`` into ``(B, max S, 33)``, padding on the left with all-False mask rows."""
+    length = max(tokens.shape[0] for tokens, _ in prompts)
+    batch_tokens = np.zeros((len(prompts), length, prompts[0][0].shape[1]), np.int32)
+    batch_mask = np.zeros(batch_tokens.shape, bool)
+    for row, (tokens, mask) in enumerate(prompts):
+        batch_tokens[row, length - len(tokens):] = tokens
+        batch_mask[row, length - len(mask):] = mask
+    return batch_tokens, batch_mask
