@@ -92,7 +92,10 @@ def test_gates():
     assert tp.gate_failures([_cell()]) == []
     assert "shared-noise" in tp.gate_failures([_cell(shared_noise_identical=0.999)])[0]
     assert "same-seed" in tp.gate_failures([_cell(same_seed_identical=0.998, same_seed_rounding_ties=1)])[0]
-    assert tp.gate_failures([_cell(same_seed_identical=0.999, same_seed_rounding_ties=1)]) == []
+    tie = _cell(same_seed_identical=0.999, same_seed_rounding_ties=1)
+    assert "same-seed" in tp.gate_failures([tie])[0]  # 100% means 100% by default
+    assert tp.gate_failures([tie], allow_rounding_ties=True) == []
+    assert tp.gate_failures([_cell(same_seed_identical=0.998, same_seed_rounding_ties=1)], allow_rounding_ties=True)
     assert "χ²" in tp.gate_failures([_cell(chi2_p_mlx=1e-4)])[0]
 
 

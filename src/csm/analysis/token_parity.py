@@ -356,9 +356,10 @@ def run_sweep(cfg: SweepConfig, progress: Callable[[Iterable], Iterable] = iter)
     return results, hist
 
 
-def gate_failures(results: list[CellResult]) -> list[str]:
-    """Why ``./test_tokens.sh`` must fail: a float32 token mismatch that is not a rounding tie
-    (agreement below 100% otherwise), or a χ² rejection."""
+def gate_failures(results: list[CellResult], *, allow_rounding_ties: bool = False) -> list[str]:
+    """Why ``./test_tokens.sh`` must fail: float32 agreement (shared noise or same seed) below 100%,
+    or a χ² rejection. With ``allow_rounding_ties``, mismatches whose two best race scores are within
+    2**-20 (see :func:`rounding_ties`) are tolerated: frameworks may order those either way."""
     failures = []
     for r in results:
         cell = f"T={r.temperature:g} k={r.topk}"
@@ -366,9 +367,10 @@ def gate_failures(results: list[CellResult]) -> list[str]:
             ("shared-noise", r.shared_noise_identical, r.shared_noise_rounding_ties),
             ("same-seed", r.same_seed_identical, r.same_seed_rounding_ties),
         ):
-            unexplained = round((1.0 - rate) * r.draws) - ties
+            mismatches = round((1.0 - rate) * r.draws)
+            unexplained = mismatches - ties if allow_rounding_ties else mismatches
             if unexplained > 0:
-                failures.append(f"{cell}: {name} agreement {rate:.4%} < 100% ({unexplained} not rounding ties)")
+                failures.append(f"{cell}: {name} agreement {rate:.4%} < 100% ({mismatches} mismatches, {ties} rounding ties)")
         if r.chi2_p_mlx < CHI2_ALPHA:
             failures.append(f"{cell}: χ² rejects the MLX draws (p = {r.chi2_p_mlx:.2g} < {CHI2_ALPHA:g})")
     return failures

@@ -2,8 +2,9 @@
 
 Runs a (temperature, top-k) sweep on CSM-like synthetic logits (or logits saved from a model run),
 prints a summary table and writes a JSON report, a CSV and PNG plots. Exit status: 0 when every
-float32 cell agrees token for token (shared noise and same seed) and no χ² test rejects; 1 when a
-gate fails; 2 on bad arguments or when PyTorch is not installed.
+float32 cell agrees token for token (shared noise and same seed; ``--allow-rounding-ties`` also
+passes mismatches at exact-arithmetic near-ties) and no χ² test rejects; 1 when a gate fails; 2 on
+bad arguments or when PyTorch is not installed.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("reports/token_test"), help="output directory")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--allow-rounding-ties", action="store_true",
+                        help="pass float32 mismatches whose two best race scores are within 2**-20 (see docs)")
     return parser
 
 
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
         written += plot_heatmaps(results, args.out) + [plot_histogram(hist, args.out)]
     print(summary_table(results))
-    failures = gate_failures(results)
+    failures = gate_failures(results, allow_rounding_ties=args.allow_rounding_ties)
     for line in failures:
         print(f"FAIL {line}")
     print(f"{'FAILED' if failures else 'PASSED'}: {len(results)} cells; wrote {len(written)} files to {args.out}")
