@@ -17,7 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..config import MAX_SEQ_LEN, SAMPLE_RATE
+from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS, SAMPLE_RATE
 from ..prompt import Segment, TextTokenizer, build_prompt, segment_length
 from ..sampling import TorchCompatibleGenerator
 from .frames import FrameSamplers, check_sampling, generate_frames
@@ -190,7 +190,7 @@ class Generator:
             for row, codes in zip(rows, frame):
                 if codes.any():  # rows that have ended come back as all-zero frames
                     row.append(codes)
-        return [self._decode(np.stack(r, axis=1) if r else np.zeros((32, 0), np.int32)) for r in rows]
+        return [self._decode(stack_frames(r)) for r in rows]
 
     def generate_stream(
         self, text: str, speaker: int = 0, context: Sequence[Segment] = (), *, chunk_frames: int = 1, **options
@@ -229,7 +229,7 @@ class Generator:
             frames[turn].append(frame)
             if on_frame is not None:
                 on_frame(turn)
-        codes = [np.stack(f, axis=1) if f else np.zeros((32, 0), np.int32) for f in frames]
+        codes = [stack_frames(f) for f in frames]
         pieces = [self._decode(c) for c in codes]
         audio = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
         elapsed = time.perf_counter() - started
@@ -289,8 +289,7 @@ class Generator:
                 yield index, frame[0]
             if not frames:
                 logger.warning("turn %d ended before its first frame (the model emitted the end frame at once)", index)
-            turn_codes = np.stack(frames, axis=1) if frames else np.zeros((32, 0), np.int32)
-            history.append(Segment(turn.speaker, turn.text, codes=turn_codes))
+            history.append(Segment(turn.speaker, turn.text, codes=stack_frames(frames)))
 
 
 @dataclass(frozen=True)
@@ -321,6 +320,11 @@ class _Options:
             raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {max_ms}")
         check_sampling(draw["topk"], draw["temperature"])
         return cls(noise, draw, max_ms)
+
+
+def stack_frames(frames: Sequence[np.ndarray]) -> np.ndarray:
+    """Per-frame codes ``(32,)`` → ``(32, T)`` (``(32, 0)`` when there are none)."""
+    return np.stack(frames, axis=1) if len(frames) else np.zeros((NUM_CODEBOOKS, 0), np.int32)
 
 
 def _check_text(text: str) -> None:
