@@ -27,11 +27,21 @@ logger = logging.getLogger("csm")
 USER_ERRORS = (ValueError, AudioError, WeightsError, ModelNotAvailable, OSError)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a default only where there is one and the help text doesn't already give it."""
+
+    def _get_help_string(self, action):
+        empty = action.default is None or action.default is False or action.default == []
+        if empty or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="csm-mlx speak",
         description="Synthesize speech with Sesame's CSM-1B on MLX (24 kHz mono output).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     what = parser.add_argument_group("what to say")
     what.add_argument("--text", "-t", help="text to speak (long text is split into sentences)")
@@ -51,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--temperature", type=float, default=0.9, help="0 = greedy")
-    sampling.add_argument("--topk", type=int, default=50)
+    sampling.add_argument("--topk", type=int, default=50, help="keep the k most likely codes (ties at the k-th kept)")
     sampling.add_argument("--seed", type=int, help="MLX seed: the same seed repeats the same WAV bytes")
     sampling.add_argument("--torch-seed", type=int,
                           help="draw the tokens PyTorch's CPU sampler draws after torch.manual_seed(N)")
