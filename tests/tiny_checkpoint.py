@@ -68,12 +68,22 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 
 
 def build_tiny_csm(seed: int = 0):
-    """The tiny transformers CsmForConditionalGeneration, float32, eval mode, re-randomised."""
+    """The tiny transformers CsmForConditionalGeneration, float32, eval mode, re-randomised.
+
+    Random weights make Mimi's output huge (~1e5); the last decoder convolution is scaled so that
+    audio peaks near 0.5 and 16-bit files hold a waveform rather than clipped samples.
+    """
     from transformers import CsmForConditionalGeneration
 
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(tiny_config()).eval()
     randomize_(model, seed)
+    codes = torch.randint(0, CODEBOOK_SIZE, (1, 32, 8), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        peak = model.codec_model.decode(codes).audio_values.abs().max()
+        last_conv = [m for m in model.codec_model.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
+        last_conv.weight.mul_(0.5 / peak)
+        last_conv.bias.mul_(0.5 / peak)
     return model
 
 
