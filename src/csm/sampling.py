@@ -82,12 +82,12 @@ def _exclude_safety(scores: mx.array) -> mx.array:
     return mx.where(excluded, mx.array(-mx.inf, scores.dtype), scores)
 
 
-def _check_args(logits, topk, temperature, precision, noise, key, generator) -> None:  # noqa: ANN001
-    """One clear ValueError per bad argument (shapes and dtypes only: never reads device data)."""
-    if not isinstance(logits, mx.array) or logits.ndim < 1:
-        raise ValueError("logits must be an mx.array of shape (..., vocab)")
-    if logits.dtype not in (mx.float32, *_REDUCED):
-        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+def check_sampling_args(topk: int, temperature: float, precision: str = "float32") -> None:
+    """Raise one clear ``ValueError`` for a bad top-k, temperature or precision.
+
+    :func:`sample_topk` calls it on every call; callers can call it first to reject bad options
+    before any work.
+    """
     if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
         raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)):
@@ -96,6 +96,15 @@ def _check_args(logits, topk, temperature, precision, noise, key, generator) -> 
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _check_args(logits, topk, temperature, precision, noise, key, generator) -> None:  # noqa: ANN001
+    """One clear ValueError per bad argument (shapes and dtypes only: never reads device data)."""
+    if not isinstance(logits, mx.array) or logits.ndim < 1:
+        raise ValueError("logits must be an mx.array of shape (..., vocab)")
+    if logits.dtype not in (mx.float32, *_REDUCED):
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got {logits.dtype}")
+    check_sampling_args(topk, temperature, precision)
     sources = [name for name, v in (("noise", noise), ("key", key), ("generator", generator)) if v is not None]
     if len(sources) > 1:
         raise ValueError(f"pass at most one noise source, got {' and '.join(sources)}")

@@ -158,16 +158,19 @@ def sampling_options(args: argparse.Namespace) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..generation import load
-    from ..generation.frames import check_sampling
+    from ..generation.generator import random_seed
     from ..generation.voices import load_voice
+    from ..sampling import check_sampling_args
 
     # Everything that can be checked without the model is checked first.
     audio_format = check_output_path(args.output, args.format)
-    check_sampling(args.topk, args.temperature)
+    check_sampling_args(args.topk, args.temperature, args.precision or "float32")
+    if (args.stream or args.play) and args.save_logits:
+        raise ValueError("--save-logits works without --stream/--play")
     turns = read_turns(args)
     context = read_context(args)
     if args.seed is None and args.torch_seed is None:
-        args.seed = int(np.random.SeedSequence().entropy % 2**32)
+        args.seed = random_seed()
 
     started = time.perf_counter()
     speaker = load(args.model, dtype=args.dtype, quantize=args.quantize, tokenizer=args.tokenizer, mimi=args.mimi)
@@ -178,8 +181,6 @@ def run(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     started = time.perf_counter()
-    if (args.stream or args.play) and args.save_logits:
-        raise ValueError("--save-logits works without --stream/--play")
     if args.stream or args.play:
         audio = stream_to_file(speaker, turns, context, options, args, audio_format)
     else:

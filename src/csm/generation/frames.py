@@ -79,14 +79,6 @@ class FrameSamplers:
         return sampler
 
 
-def check_sampling(topk: int, temperature: float) -> None:
-    """Reject bad sampling parameters before any work (the sampler checks them again)."""
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
-        raise ValueError(f"topk must be an integer >= 1, got {topk!r}")
-    if not temperature >= 0:  # also catches NaN
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-
-
 def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask."""
     batch = codes.shape[0]

@@ -19,8 +19,8 @@ import numpy as np
 
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS, SAMPLE_RATE
 from ..prompt import Segment, TextTokenizer, build_prompt, segment_length
-from ..sampling import TorchCompatibleGenerator
-from .frames import FrameSamplers, check_sampling, generate_frames
+from ..sampling import TorchCompatibleGenerator, check_sampling_args
+from .frames import FrameSamplers, generate_frames
 from .text import default_max_audio_ms, frames_for_ms
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,11 @@ class Speech:
         return self.elapsed_s / self.duration_s if self.duration_s else float("inf")
 
 
+def random_seed() -> int:
+    """A fresh 32-bit seed from the OS, for runs that were given none (it is reported so they can be repeated)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
 @dataclass(frozen=True)
 class NoiseSource:
     """Which random stream a generation draws from (see :class:`FrameSamplers`)."""
@@ -86,7 +91,7 @@ class NoiseSource:
         """Fill in a fresh seed when no source was given, so every run can be repeated."""
         if any(v is not None for v in (self.seed, self.torch_seed, self.key, self.generator)):
             return self
-        return NoiseSource(seed=int.from_bytes(os.urandom(4), "little"))
+        return NoiseSource(seed=random_seed())
 
     def samplers(self, **draw) -> FrameSamplers:
         if self.generator is not None or self.torch_seed is not None:
@@ -318,7 +323,7 @@ class _Options:
             raise TypeError(f"unknown generation options: {sorted(options)}")
         if max_ms is not None and frames_for_ms(max_ms) < 1:
             raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {max_ms}")
-        check_sampling(draw["topk"], draw["temperature"])
+        check_sampling_args(draw["topk"], draw["temperature"], draw["precision"])
         return cls(noise, draw, max_ms)
 
 
