@@ -120,12 +120,16 @@ class Attention(nn.Module):
             x, self.head_dim, traditional=True, base=None, scale=1.0, offset=positions, freqs=self._periods
         )
 
-    def __call__(self, x: mx.array, cache: KVCache, mask: mx.array | str | None, positions: int | mx.array) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
+    ) -> mx.array:
         B, L, _ = x.shape  # (B, L, D)
         q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        k, v = cache.update_and_fetch(self._rope(k, positions), v)
+        k = self._rope(k, positions)
+        if cache is not None:  # None: a whole sequence at once (training), nothing kept
+            k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(
             self._rope(q, positions), k, v, scale=self.head_dim**-0.5, mask=mask
         )
@@ -155,7 +159,9 @@ class TransformerLayer(nn.Module):
         self.mlp_norm = RMSNorm(args.embed_dim, args.norm_eps)
         self.mlp = MLP(args)
 
-    def __call__(self, x: mx.array, cache: KVCache, mask: mx.array | str | None, positions: int | mx.array) -> mx.array:
+    def __call__(
+        self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
+    ) -> mx.array:
         h = x + self.attn(self.sa_norm(x), cache, mask, positions)
         return h + self.mlp(self.mlp_norm(h))
 
@@ -172,7 +178,7 @@ class Llama(nn.Module):
     def __call__(
         self,
         h: mx.array,
-        cache: list[KVCache],
+        cache: list[KVCache] | None,
         mask: mx.array | str | None,
         positions: int | mx.array,
     ) -> mx.array:
@@ -180,14 +186,15 @@ class Llama(nn.Module):
 
         Args:
             h: input embeddings (B, L, D).
-            cache: one :class:`KVCache` per layer (appended to).
+            cache: one :class:`KVCache` per layer (appended to), or None to run a whole
+                sequence without keeping keys and values (training).
             mask: ``None`` (L == 1), ``"causal"``, or a boolean (B, 1, L, K) array, True = may attend.
             positions: RoPE position of ``h[:, 0]``: an int, or (B,) int32 for per-row offsets.
 
         Returns:
             (B, L, D) hidden states after the final norm.
         """
-        for layer, layer_cache in zip(self.layers, cache):
+        for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, layer_cache, mask, positions)
         return self.norm(h)
 
