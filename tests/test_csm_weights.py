@@ -98,8 +98,11 @@ def reference_logits(args, weights):
 
 def test_full_size_original_layout_matches_spec_table():
     model = CSM(CSMArgs())  # lazy: nothing is evaluated, no 6 GB allocation
-    shapes = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    shapes = {k: tuple(v.shape) for k, v in model.checkpoint_weights().items()}
     assert shapes == SPEC_TABLE
+    fused = {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())}
+    assert fused["backbone.layers.3.attn.qkv_proj.weight"] == (2048 + 512 + 512, 2048)
+    assert fused["decoder.layers.1.mlp.w13.weight"] == (2 * 8192, 1024)
     assert sum(np.prod(s) for s in shapes.values()) == 1_552_791_552
 
 

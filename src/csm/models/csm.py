@@ -13,10 +13,11 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..config import AUDIO_VOCAB_SIZE, MAX_SEQ_LEN, NUM_CODEBOOKS, TEXT_VOCAB_SIZE
 from .cache import FrameCache
-from .llama import FLAVORS, Llama, LlamaArgs
+from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
 
 #: ``sampler(logits (B, V), codebook) -> (B, 1) int32``, called for codebooks 0, 1, ..., 31 in order.
 Sampler = Callable[[mx.array, int], mx.array]
@@ -76,6 +77,16 @@ class CSM(nn.Module):
         self.codebook0_head = nn.Linear(bb.embed_dim, vocab, bias=False)
         # (in, out) layout as in the checkpoint: logits_i = h @ audio_head[i - 1].
         self.audio_head = mx.zeros((args.audio_num_codebooks - 1, dec.embed_dim, vocab))
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint tensors (original names) → this model's parameter names (fused projections)."""
+        return fuse_weights(weights)
+
+    def checkpoint_weights(self) -> dict[str, mx.array]:
+        """The parameters under the original checkpoint names (inverse of :meth:`sanitize`)."""
+        stacks = {"backbone": self.args.backbone, "decoder": self.args.decoder}
+        return unfuse_weights(dict(tree_flatten(self.parameters())), lambda key: stacks[key.split(".")[0]])
 
     @property
     def dtype(self) -> mx.Dtype:

@@ -1,14 +1,19 @@
 """A Llama-3.2 transformer without token embeddings or output head (CSM's backbone and depth decoder).
 
-Attribute names equal the original (torchtune) checkpoint keys: ``layers.N.attn.q_proj``,
-``layers.N.mlp.w1``, ``layers.N.sa_norm.scale``, ``norm.scale``. RoPE uses the interleaved-pair
+Attribute names equal the original (torchtune) checkpoint keys (``layers.N.attn.output_proj``,
+``layers.N.sa_norm.scale``, ``norm.scale``), except two fused projections: ``attn.qkv_proj``
+(= ``q_proj``, ``k_proj``, ``v_proj`` stacked) and ``mlp.w13`` (= ``w1``, ``w3``), built from and
+split back into the checkpoint tensors by :func:`fuse_weights` / :func:`unfuse_weights`. RoPE uses the interleaved-pair
 ("traditional") convention with llama3 frequency scaling, as torchtune's ``Llama3ScaledRoPE``
 (``shared/spec/csm.md`` §1.2-1.3). Caches are owned by the caller (:mod:`.cache`).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -89,6 +94,59 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, float] | None) 
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
+#: fused parameter → the checkpoint tensors stacked along the output rows, in order.
+FUSED = {"attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "mlp.w13": ("mlp.w1", "mlp.w3")}
+_FUSED_PART = re.compile(r"^(.*\.layers\.\d+\.)(attn\.[qkv]_proj|mlp\.w[13])\.(weight|scales|biases)$")
+
+
+def fuse_weights(weights: Mapping[str, mx.array]) -> dict[str, mx.array]:
+    """Checkpoint names → csm-mlx names: stack each layer's q/k/v (and w1/w3) tensors into one.
+
+    Quantized tensors (``weight``/``scales``/``biases``) stack the same way: their rows are output
+    rows. A layer missing one of the parts keeps its tensors unfused, so the strict load names them.
+    """
+    out = dict(weights)
+    groups: dict[tuple[str, str, str], dict[str, mx.array]] = {}
+    for key, value in weights.items():
+        match = _FUSED_PART.match(key)
+        if match:
+            prefix, part, suffix = match.groups()
+            fused = next(name for name, parts in FUSED.items() if part in parts)
+            groups.setdefault((prefix, fused, suffix), {})[part] = value
+    for (prefix, fused, suffix), parts in groups.items():
+        if set(parts) == set(FUSED[fused]):
+            for part in FUSED[fused]:
+                del out[f"{prefix}{part}.{suffix}"]
+            out[f"{prefix}{fused}.{suffix}"] = mx.concatenate([parts[p] for p in FUSED[fused]], axis=0)
+    return out
+
+
+def unfuse_weights(weights: Mapping[str, mx.array], args_of: Callable[[str], "LlamaArgs"]) -> dict[str, mx.array]:
+    """Inverse of :func:`fuse_weights`: split fused tensors back into the checkpoint's names.
+
+    Args:
+        weights: csm-mlx names (``….layers.N.attn.qkv_proj.weight`` ...).
+        args_of: the :class:`LlamaArgs` of the stack a key belongs to (head counts set the q/k/v split).
+    """
+    out = {}
+    for key, value in weights.items():
+        match = re.match(r"^(.*\.layers\.\d+\.)(attn\.qkv_proj|mlp\.w13)\.(weight|scales|biases)$", key)
+        if not match:
+            out[key] = value
+            continue
+        prefix, fused, suffix = match.groups()
+        if fused == "mlp.w13":
+            sizes = [1, 1]
+        else:
+            a = args_of(key)
+            sizes = [a.num_heads, a.num_kv_heads, a.num_kv_heads]
+        rows = value.shape[0] // sum(sizes)
+        bounds = list(itertools.accumulate(s * rows for s in sizes[:-1]))
+        for part, piece in zip(FUSED[fused], mx.split(value, bounds, axis=0)):
+            out[f"{prefix}{part}.{suffix}"] = piece
+    return out
+
+
 class RMSNorm(nn.Module):
     """torchtune RMSNorm; the parameter is named ``scale`` like the checkpoint."""
 
@@ -102,15 +160,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with interleaved llama3 RoPE."""
+    """Grouped-query self-attention with interleaved llama3 RoPE.
+
+    q, k and v come from one fused projection (``qkv_proj``, rows q then k then v), one matmul
+    instead of three; checkpoints keep the three separate tensors (see :func:`fuse_weights`).
+    """
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = args.num_heads, args.num_kv_heads, args.head_dim
         dim, hd = args.embed_dim, args.head_dim
-        self.q_proj = nn.Linear(dim, args.num_heads * hd, bias=False)
-        self.k_proj = nn.Linear(dim, args.num_kv_heads * hd, bias=False)
-        self.v_proj = nn.Linear(dim, args.num_kv_heads * hd, bias=False)
+        self.qkv_proj = nn.Linear(dim, (args.num_heads + 2 * args.num_kv_heads) * hd, bias=False)
         self.output_proj = nn.Linear(args.num_heads * hd, dim, bias=False)
         # mx.fast.rope takes periods (1 / theta); "_" keeps it out of the parameters.
         self._periods = mx.array(1.0 / rope_inv_freq(hd, args.rope_base, args.rope_scaling))
@@ -120,33 +180,42 @@ class Attention(nn.Module):
             x, self.head_dim, traditional=True, base=None, scale=1.0, offset=positions, freqs=self._periods
         )
 
+    def project(self, x: mx.array, positions: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """(B, L, D) → RoPE'd q (B, H, L, hd), RoPE'd k and v (B, KV, L, hd).
+
+        q and k are rotated together: one RoPE kernel over their H + KV heads.
+        """
+        B, L, _ = x.shape
+        heads = self.qkv_proj(x).reshape(B, L, -1, self.head_dim).transpose(0, 2, 1, 3)
+        qk = self._rope(heads[:, : self.num_heads + self.num_kv_heads], positions)
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], heads[:, self.num_heads + self.num_kv_heads :]
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None) -> mx.array:
+        """Scaled dot-product attention and the output projection; returns (B, L, D)."""
+        B, _, L, _ = q.shape
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
     def __call__(
         self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
     ) -> mx.array:
-        B, L, _ = x.shape  # (B, L, D)
-        q = self.q_proj(x).reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        k = self.k_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        v = self.v_proj(x).reshape(B, L, self.num_kv_heads, -1).transpose(0, 2, 1, 3)
-        k = self._rope(k, positions)
+        q, k, v = self.project(x, positions)
         if cache is not None:  # None: a whole sequence at once (training), nothing kept
             k, v = cache.update_and_fetch(k, v)
-        out = mx.fast.scaled_dot_product_attention(
-            self._rope(q, positions), k, v, scale=self.head_dim**-0.5, mask=mask
-        )
-        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.attend(q, k, v, mask)
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``w2(silu(w1 x) * w3 x)``."""
+    """SwiGLU: ``w2(silu(w1 x) * w3 x)``, with w1 and w3 fused into one matmul (``w13``, rows w1 then w3)."""
 
     def __init__(self, args: LlamaArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
+        self.w13 = nn.Linear(args.embed_dim, 2 * args.intermediate_dim, bias=False)
         self.w2 = nn.Linear(args.intermediate_dim, args.embed_dim, bias=False)
-        self.w3 = nn.Linear(args.embed_dim, args.intermediate_dim, bias=False)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.w2(nn.silu(self.w1(x)) * self.w3(x))
+        gate, up = mx.split(self.w13(x), 2, axis=-1)
+        return self.w2(nn.silu(gate) * up)
 
 
 class TransformerLayer(nn.Module):

@@ -53,7 +53,7 @@ def build_csm(
         WeightsError: missing/unexpected keys or wrong shapes (one message naming them).
     """
     dtype = parse_dtype(dtype)
-    weights = csm_checkpoint.to_original(weights, args, source=source)
+    weights = CSM.sanitize(csm_checkpoint.to_original(weights, args, source=source))
     model = CSM(args)
     if quantization:
         nn.quantize(

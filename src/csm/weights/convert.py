@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from ..models.load import MLX_MODEL_TYPE, load_csm
 from .io import read_folder_tensors
@@ -81,7 +80,7 @@ def convert_csm(
         check_quantization(bits, group_size)  # before the slow load
     model = load_csm(source, dtype=dtype)
     quantization = quantize_csm(model, bits=bits, group_size=group_size) if bits else None
-    weights = dict(tree_flatten(model.parameters()))
+    weights = model.checkpoint_weights()
     config = {"model_type": MLX_MODEL_TYPE, "args": model.args.to_dict(), "dtype": dtype, "quantization": quantization}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,96 @@
+"""Count the MLX primitives one steady-state CSM frame runs, by primitive (device-independent).
+
+The frame (backbone step over the last frame + codebook 0 + 31 depth-decoder steps + 32
+samplings) is built lazily after a prompt prefill, its graph is written with ``mx.export_to_dot``
+and every node is counted except views (reshapes, transposes, slices, broadcasts: no kernel) and
+leaves (weights, inputs). On the CPU, MLX's fast ops (RMSNorm, RoPE, SDPA) are unfused there and
+appear as their element-wise pieces, so CPU counts are higher than GPU counts for the same code.
+
+Run: ``python benchmarks/count_primitives.py [--size tiny|full|both] [--cpu] [--json out.json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+import re
+
+import mlx.core as mx
+import numpy as np
+
+from csm.generation.frames import FrameSamplers, next_frame_rows
+from csm.models import CSM, CSMArgs
+from csm.models.llama import LlamaArgs
+from csm.prompt import text_rows
+
+#: Primitives that only re-describe memory (no kernel of their own when their input is contiguous).
+VIEW_OPS = frozenset(
+    {"Reshape", "Transpose", "Slice", "Broadcast", "BroadcastAxes", "AsStrided", "ExpandDims",
+     "Squeeze", "Flatten", "Unflatten", "StopGradient", "Depends", "Split"}
+)
+_NODE = re.compile(r'\[label ="([^"]+)", shape=rectangle\]')
+
+
+def tiny_args() -> CSMArgs:
+    """A 2-layer backbone and a 4-layer depth decoder (the decoder depth of CSM-1B), narrow."""
+    backbone = LlamaArgs(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128)
+    decoder = LlamaArgs(num_layers=4, embed_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
+    return CSMArgs(backbone=backbone, decoder=decoder, text_vocab_size=512, audio_vocab_size=64)
+
+
+def build(size: str, dtype: mx.Dtype) -> CSM:
+    args = tiny_args() if size == "tiny" else CSMArgs.from_flavors("llama-1B", "llama-100M")
+    model = CSM(args)
+    model.audio_head = mx.random.normal(model.audio_head.shape) * 0.03
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def frame_graph(model: CSM, prompt_rows: int = 20) -> str:
+    """The dot graph of the second frame (the first one after the prompt prefill)."""
+    tokens, mask = text_rows(list(range(1, prompt_rows + 1)))
+    samplers = FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
+    cache = model.make_cache(1)
+    codes = model.generate_frame(mx.array(tokens[None]), mx.array(mask[None]), cache, samplers.next_frame())
+    mx.eval(codes, cache.state if hasattr(cache, "state") else [])
+    codes = model.generate_frame(*next_frame_rows(codes), cache, samplers.next_frame())
+    out = io.StringIO()
+    mx.export_to_dot(out, codes)
+    return out.getvalue()
+
+
+def count(dot: str) -> collections.Counter:
+    """Primitive name -> count, views excluded."""
+    names = (name.split(" ")[0] for name in _NODE.findall(dot))
+    return collections.Counter(n for n in names if n not in VIEW_OPS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "full", "both"], default="both")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--cpu", action="store_true", help="count on the CPU stream (fast ops unfused)")
+    parser.add_argument("--top", type=int, default=15, help="primitives listed by count")
+    parser.add_argument("--json", help="also write {size: {primitive: count}} here")
+    args = parser.parse_args(argv)
+    if args.cpu:
+        mx.set_default_device(mx.cpu)
+    results = {}
+    for size in (["tiny", "full"] if args.size == "both" else [args.size]):
+        counts = count(frame_graph(build(size, getattr(mx, args.dtype))))
+        results[size] = dict(counts.most_common())
+        top = ", ".join(f"{name} {n}" for name, n in counts.most_common(args.top))
+        print(f"{size:5s} {mx.default_device()} {args.dtype}: {sum(counts.values()):6d} work primitives per frame")
+        print(f"      {top}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": str(mx.default_device()), "dtype": args.dtype, "counts": results}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    np.set_printoptions(linewidth=120)
+    raise SystemExit(main())
