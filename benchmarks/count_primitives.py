@@ -49,16 +49,27 @@ def build(size: str, dtype: mx.Dtype) -> CSM:
     return model
 
 
-def frame_graph(model: CSM, prompt_rows: int = 20) -> str:
-    """The dot graph of the second frame (the first one after the prompt prefill)."""
+def frame_graph(model: CSM, path: str, prompt_rows: int = 20) -> str:
+    """The dot graph of the second frame (the first one after the prompt prefill).
+
+    ``path``: ``"compiled"`` (what generation runs: :class:`csm.models.frame_step.CompiledFrame`)
+    or ``"eager"`` (``CSM.generate_frame`` with a Python sampler, op by op).
+    """
     tokens, mask = text_rows(list(range(1, prompt_rows + 1)))
     samplers = FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
     cache = model.make_cache(1)
-    codes = model.generate_frame(mx.array(tokens[None]), mx.array(mask[None]), cache, samplers.next_frame())
-    mx.eval(codes, cache.state if hasattr(cache, "state") else [])
-    codes = model.generate_frame(*next_frame_rows(codes), cache, samplers.next_frame())
+    compiled = model.compiled_frame(samplers.draw) if path == "compiled" else None
+
+    def frame(rows):
+        if path == "eager":
+            return model.generate_frame(*rows, cache, samplers.next_frame())
+        return compiled(*rows, cache, samplers.frame_noise(1, model.args.audio_vocab_size, mx.float32))
+
+    codes = frame((mx.array(tokens[None]), mx.array(mask[None])))
+    mx.eval(codes, [[c.keys, c.values] for c in cache.backbone])
+    codes = frame(next_frame_rows(codes))
     out = io.StringIO()
-    mx.export_to_dot(out, codes)
+    mx.export_to_dot(out, codes, *[c.keys for c in cache.backbone])
     return out.getvalue()
 
 
@@ -73,18 +84,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", choices=["tiny", "full", "both"], default="both")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--cpu", action="store_true", help="count on the CPU stream (fast ops unfused)")
+    parser.add_argument("--path", choices=["compiled", "eager", "both"], default="both",
+                        help="the compiled frame generation runs, the op-by-op one, or both")
     parser.add_argument("--top", type=int, default=15, help="primitives listed by count")
-    parser.add_argument("--json", help="also write {size: {primitive: count}} here")
+    parser.add_argument("--json", help="also write {'size/path': {primitive: count}} here")
     args = parser.parse_args(argv)
     if args.cpu:
         mx.set_default_device(mx.cpu)
     results = {}
     for size in (["tiny", "full"] if args.size == "both" else [args.size]):
-        counts = count(frame_graph(build(size, getattr(mx, args.dtype))))
-        results[size] = dict(counts.most_common())
-        top = ", ".join(f"{name} {n}" for name, n in counts.most_common(args.top))
-        print(f"{size:5s} {mx.default_device()} {args.dtype}: {sum(counts.values()):6d} work primitives per frame")
-        print(f"      {top}")
+        model = build(size, getattr(mx, args.dtype))
+        for path in (["eager", "compiled"] if args.path == "both" else [args.path]):
+            counts = count(frame_graph(model, path))
+            results[f"{size}/{path}"] = dict(counts.most_common())
+            top = ", ".join(f"{name} {n}" for name, n in counts.most_common(args.top))
+            print(f"{size:5s} {path:8s} {mx.default_device()} {args.dtype}: {sum(counts.values()):6d} work primitives/frame")
+            print(f"      {top}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(mx.default_device()), "dtype": args.dtype, "counts": results}, f, indent=1)

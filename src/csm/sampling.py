@@ -22,7 +22,7 @@ import numpy as np
 
 from .torch_rng import TorchCompatibleGenerator
 
-__all__ = ["PRECISIONS", "TORCH_EPSILON", "TorchCompatibleGenerator", "filter_topk", "sample_topk"]
+__all__ = ["PRECISIONS", "TORCH_EPSILON", "TorchCompatibleGenerator", "exponential_noise", "filter_topk", "sample_topk"]
 
 #: ``"float32"``: sample in float32 whatever the logits' dtype (the default: no bf16 quantisation of
 #: probabilities). ``"reference"``: round where torch rounds for the logits' dtype (bf16 logits ->
@@ -69,7 +69,7 @@ def _race_scores(logits: mx.array, topk: int, temperature: float, q: mx.array, d
     return rnd(probs / rnd(q.astype(mx.float32)))
 
 
-def _exponential_from_key(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
+def exponential_noise(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
     """Exp(1) noise from MLX's PRNG; clamped above 0 so a zero draw cannot make ``0 / 0``."""
     u = mx.random.uniform(shape=shape, key=key)
     return mx.maximum(-mx.log1p(-u), mx.array(np.finfo(np.float32).tiny, mx.float32))
@@ -159,7 +159,7 @@ def sample_topk(
         elif generator is not None:
             q = generator.exponential(logits.shape, dtype)
         else:
-            q = _exponential_from_key(logits.shape, key)
+            q = exponential_noise(logits.shape, key)
         scores = _race_scores(logits, int(topk), float(temperature), q, dtype)
     if safety:
         scores = _exclude_safety(scores)

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..config import NUM_CODEBOOKS
+from ..config import FRAME_WIDTH, NUM_CODEBOOKS
 from ..models import Sampler
-from ..sampling import TorchCompatibleGenerator, sample_topk
+from ..models.frame_step import Draw
+from ..sampling import TorchCompatibleGenerator, exponential_noise, sample_topk
 
 
 class FrameSamplers:
@@ -59,11 +60,27 @@ class FrameSamplers:
         #: stream: a frame after the end frame would consume noise the reference never draws,
         #: shifting the stream of a following turn.
         self.speculative = generator is None
-        self._draw = dict(topk=topk, temperature=temperature, safety=safety, precision=precision)
+        self.draw = Draw(topk=topk, temperature=temperature, safety=safety, precision=precision)
+        #: The compiled frame needs the official sampler; recording logits needs a Python sampler.
+        self.compiled = record is None
+
+    def frame_noise(self, batch: int, vocab: int, dtype: mx.Dtype) -> mx.array | None:
+        """The next frame's ``Exp(1)`` noise, ``(32, batch, vocab)``, or None for greedy draws.
+
+        Drawn in the official order (codebook 0, 1, ..., 31, one ``(batch, vocab)`` draw each)
+        from the torch-compatible stream; from an MLX key, one draw for the whole frame.
+        """
+        if self.draw.greedy:
+            return None
+        shape = (batch, vocab)
+        if self._generator is not None:
+            return mx.stack([self._generator.exponential(shape, dtype) for _ in range(NUM_CODEBOOKS)])
+        self._key, frame_key = mx.random.split(self._key)
+        return exponential_noise((NUM_CODEBOOKS, *shape), frame_key).astype(dtype)
 
     def next_frame(self) -> Sampler:
         """The sampler for the next frame (call once per frame, in order)."""
-        draw, record = self._draw, self._record
+        draw, record = vars(self.draw), self._record
         if self._generator is not None:
             noise = lambda _codebook: {"generator": self._generator}  # noqa: E731
         else:
@@ -87,6 +104,46 @@ def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     return tokens[:, None, :], mask[:, None, :]
 
 
+class PromptCache:
+    """A backbone cache kept across the turns of one generation, with the rows it holds.
+
+    A turn's prompt is the previous turn's prompt, its generated frames, the end frame and the new
+    text, so the cache left by the previous turn is usually a prefix of the next prompt: only the
+    rows after the longest common prefix are prefilled (after trimming any cached rows beyond it).
+    Batch 1 only.
+    """
+
+    def __init__(self) -> None:
+        self.frames = None  # FrameCache, made on first use
+        self.tokens = np.zeros((0, FRAME_WIDTH), np.int32)
+        self.mask = np.zeros((0, FRAME_WIDTH), bool)
+        #: rows prefilled for each prompt so far (the rest came from the cache)
+        self.prefilled: list[int] = []
+
+    def reuse(self, model, tokens: np.ndarray, mask: np.ndarray) -> int:
+        """Keep the cached rows that start ``tokens``/``mask`` (``(S, 33)``); return how many.
+
+        At least the prompt's last row is always fed again: its hidden state starts the frame.
+        """
+        if self.frames is None:
+            self.frames = model.make_cache(1)
+        limit = min(len(self.tokens), len(tokens) - 1)
+        same = (self.tokens[:limit] == tokens[:limit]).all(axis=1) & (self.mask[:limit] == mask[:limit]).all(axis=1)
+        common = int(np.argmin(same)) if not same.all() else limit
+        if common == 0:
+            self.frames.reset()
+        else:
+            self.frames.trim(common)
+        self.tokens, self.mask = self.tokens[:common], self.mask[:common]
+        self.prefilled.append(len(tokens) - common)
+        return common
+
+    def append(self, tokens: np.ndarray, mask: np.ndarray) -> None:
+        """Record rows ``(S, 33)`` that were fed into the cache."""
+        self.tokens = np.concatenate([self.tokens, tokens])
+        self.mask = np.concatenate([self.mask, mask])
+
+
 def generate_frames(
     model,
     tokens: np.ndarray,
@@ -94,37 +151,62 @@ def generate_frames(
     samplers: FrameSamplers,
     *,
     max_frames: int,
+    prompt_cache: PromptCache | None = None,
 ) -> Iterator[np.ndarray]:
     """Yield the codes of each generated frame, ``(B, 32)`` int32, until every row has ended.
 
     Args:
-        model: a CSM model (``make_cache``, ``generate_frame``).
+        model: a CSM model (``make_cache``, ``generate_frame``, ``compiled_frame``).
         tokens: prompt ``(S, 33)`` or ``(B, S, 33)`` int32 rows.
         mask: the matching bool mask.
         samplers: the noise source state, consumed one frame at a time.
         max_frames: hard cap on generated frames.
+        prompt_cache: batch 1: a cache kept from an earlier turn; only the prompt rows it does not
+            already hold are prefilled, and it holds this turn's rows afterwards.
 
     A row ends at its first all-zero frame (not yielded for B=1; for B>1 ended rows are
     yielded as zeros until all rows have ended).
     """
-    tokens = mx.array(tokens if tokens.ndim == 3 else tokens[None])
-    mask = mx.array(mask if mask.ndim == 3 else mask[None])
-    cache = model.make_cache(tokens.shape[0])
-    ended = np.zeros(tokens.shape[0], dtype=bool)
+    tokens = tokens if tokens.ndim == 3 else tokens[None]
+    mask = mask if mask.ndim == 3 else mask[None]
+    batch = tokens.shape[0]
+    if prompt_cache is not None and batch == 1:
+        kept = prompt_cache.reuse(model, tokens[0], mask[0])
+        cache, fed = prompt_cache.frames, []
+        prompt_cache.append(tokens[0, kept:], mask[0, kept:])
+        tokens, mask = tokens[:, kept:], mask[:, kept:]
+    else:
+        prompt_cache, cache, fed = None, model.make_cache(batch), None
+    ended = np.zeros(batch, dtype=bool)
+    compiled = model.compiled_frame(samplers.draw) if samplers.compiled else None
 
     def step(rows: tuple[mx.array, mx.array]) -> mx.array:
-        codes = model.generate_frame(*rows, cache, samplers.next_frame())
+        if compiled is None:
+            codes = model.generate_frame(*rows, cache, samplers.next_frame())
+        else:
+            noise = samplers.frame_noise(batch, model.args.audio_vocab_size, compiled.noise_dtype())
+            codes = compiled(*rows, cache, noise)
         mx.async_eval(codes)
         return codes
 
-    codes = step((tokens, mask))
-    for index in range(max_frames):
-        more = index + 1 < max_frames
-        upcoming = step(next_frame_rows(codes)) if more and samplers.speculative else None
-        frame = np.array(codes)  # the one host read per frame
-        ended |= ~frame.any(axis=1)
-        if ended.all():
-            return
-        frame[ended] = 0
-        yield frame
-        codes = upcoming if upcoming is not None or not more else step(next_frame_rows(codes))
+    def feed(codes: mx.array) -> mx.array:
+        if fed is not None:
+            fed.append(codes)
+        return step(next_frame_rows(codes))
+
+    try:
+        codes = step((mx.array(tokens), mx.array(mask)))
+        for index in range(max_frames):
+            more = index + 1 < max_frames
+            upcoming = feed(codes) if more and samplers.speculative else None
+            frame = np.array(codes)  # the one host read per frame
+            ended |= ~frame.any(axis=1)
+            if ended.all():
+                return
+            frame[ended] = 0
+            yield frame
+            codes = upcoming if upcoming is not None or not more else feed(codes)
+    finally:
+        if prompt_cache is not None:
+            for codes in fed:  # every fed frame was read already: no new device work
+                prompt_cache.append(*(np.array(a)[0] for a in next_frame_rows(codes)))

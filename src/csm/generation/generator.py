@@ -20,7 +20,7 @@ import numpy as np
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS, SAMPLE_RATE
 from ..prompt import Segment, TextTokenizer, build_prompt, segment_length
 from ..sampling import TorchCompatibleGenerator, check_sampling_args
-from .frames import FrameSamplers, generate_frames
+from .frames import FrameSamplers, PromptCache, generate_frames
 from .text import default_max_audio_ms, frames_for_ms
 
 logger = logging.getLogger(__name__)
@@ -284,12 +284,15 @@ class Generator:
         history = self.prepare_context(context)
         pinned = len(history)
         samplers = opts.noise.samplers(record=record, **opts.draw)
+        prompt_cache = PromptCache()  # each turn's prompt starts with the last one's: prefill only the rest
         for index, turn in enumerate(turns):
             max_frames = frames_for_ms(opts.max_audio_length_ms or default_max_audio_ms(turn.text))
             history, pinned = self.fit_context(history, turn, max_frames, pinned)
             tokens, mask = build_prompt(self.tokenizer, history, turn.speaker, turn.text)
             frames = []
-            for frame in generate_frames(self.model, tokens, mask, samplers, max_frames=max_frames):
+            for frame in generate_frames(
+                self.model, tokens, mask, samplers, max_frames=max_frames, prompt_cache=prompt_cache
+            ):
                 frames.append(frame[0])
                 yield index, frame[0]
             if not frames:

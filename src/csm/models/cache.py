@@ -35,10 +35,33 @@ class KVCache:
         """Forget every position (the buffers are kept and overwritten)."""
         self.offset = 0
 
+    def trim(self, length: int) -> None:
+        """Keep the first ``length`` positions (later ones are overwritten by the next writes)."""
+        if not 0 <= length <= self.offset:
+            raise ValueError(f"cannot trim a cache of {self.offset} positions to {length}")
+        self.offset = length
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the two buffers."""
         return self.keys.nbytes + self.values.nbytes
+
+
+class StepKV:
+    """A :class:`KVCache`'s buffers written at a position held in a device array.
+
+    Used inside the compiled frame step, where the write position cannot be a Python int (that
+    would recompile every frame): keys/values go in by ``mx.slice_update`` at ``offset`` and
+    attention reads the whole buffer, masking the positions not written yet.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+        self.keys, self.values, self.offset = keys, values, offset  # offset: (1,) int32
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
+        self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
+        return self.keys, self.values
 
 
 @dataclass
@@ -60,6 +83,11 @@ class FrameCache:
     def offset(self) -> int:
         """Backbone positions filled so far (prompt + generated frames, padding included)."""
         return self.backbone[0].offset
+
+    def trim(self, length: int) -> None:
+        """Keep the first ``length`` backbone positions (a shared prefix); the decoder resets every frame."""
+        for cache in self.backbone:
+            cache.trim(length)
 
     def reset(self) -> None:
         """Make the cache empty again, ready for a new prompt of the same batch size."""

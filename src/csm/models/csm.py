@@ -17,6 +17,7 @@ from mlx.utils import tree_flatten
 
 from ..config import AUDIO_VOCAB_SIZE, MAX_SEQ_LEN, NUM_CODEBOOKS, TEXT_VOCAB_SIZE
 from .cache import FrameCache
+from .frame_step import CompiledFrame, Draw
 from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
 
 #: ``sampler(logits (B, V), codebook) -> (B, 1) int32``, called for codebooks 0, 1, ..., 31 in order.
@@ -166,6 +167,13 @@ class CSM(nn.Module):
             codes.append(sampler(h @ self.audio_head[i - 1], i))
             embeds = self.audio_embeddings(codes[-1] + i * vocab)  # (B, 1, D)
         return mx.concatenate(codes, axis=1).astype(mx.int32)
+
+    def compiled_frame(self, draw: Draw) -> CompiledFrame:
+        """The compiled frame for the official sampler with these options (built once, then reused)."""
+        frames = self.__dict__.setdefault("_compiled_frames", {})  # a plain attribute, not a parameter
+        if draw not in frames:
+            frames[draw] = CompiledFrame(self, draw)
+        return frames[draw]
 
     def generate_frame(self, tokens: mx.array, mask: mx.array, cache: FrameCache, sampler: Sampler) -> mx.array:
         """One audio frame: backbone over ``tokens`` (prompt or last frame), then all 32 codebooks.

@@ -147,6 +147,18 @@ def unfuse_weights(weights: Mapping[str, mx.array], args_of: Callable[[str], "Ll
     return out
 
 
+def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> mx.array:
+    """``layer(x) + residual``; for a plain Linear one fused matmul-add kernel (``mx.addmm``).
+
+    Quantized or adapter-wrapped layers (anything but ``nn.Linear``) are called as they are.
+    """
+    if residual is None:
+        return layer(x)
+    if type(layer) is nn.Linear and "bias" not in layer:
+        return mx.addmm(residual, x, layer.weight.T)
+    return residual + layer(x)
+
+
 class RMSNorm(nn.Module):
     """torchtune RMSNorm; the parameter is named ``scale`` like the checkpoint."""
 
@@ -190,19 +202,21 @@ class Attention(nn.Module):
         qk = self._rope(heads[:, : self.num_heads + self.num_kv_heads], positions)
         return qk[:, : self.num_heads], qk[:, self.num_heads :], heads[:, self.num_heads + self.num_kv_heads :]
 
-    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: mx.array | str | None) -> mx.array:
-        """Scaled dot-product attention and the output projection; returns (B, L, D)."""
-        B, _, L, _ = q.shape
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
-        return self.output_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
-
     def __call__(
-        self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
+        self,
+        x: mx.array,
+        cache: KVCache | None,
+        mask: mx.array | str | None,
+        positions: int | mx.array,
+        residual: mx.array | None = None,
     ) -> mx.array:
+        """Attention over ``x`` (B, L, D); ``residual`` (B, L, D), when given, is added to the output."""
+        B, L, _ = x.shape
         q, k, v = self.project(x, positions)
         if cache is not None:  # None: a whole sequence at once (training), nothing kept
             k, v = cache.update_and_fetch(k, v)
-        return self.attend(q, k, v, mask)
+        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        return linear(self.output_proj, out.transpose(0, 2, 1, 3).reshape(B, L, -1), residual)
 
 
 class MLP(nn.Module):
@@ -213,9 +227,9 @@ class MLP(nn.Module):
         self.w13 = nn.Linear(args.embed_dim, 2 * args.intermediate_dim, bias=False)
         self.w2 = nn.Linear(args.intermediate_dim, args.embed_dim, bias=False)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def __call__(self, x: mx.array, residual: mx.array | None = None) -> mx.array:
         gate, up = mx.split(self.w13(x), 2, axis=-1)
-        return self.w2(nn.silu(gate) * up)
+        return linear(self.w2, nn.silu(gate) * up, residual)
 
 
 class TransformerLayer(nn.Module):
@@ -231,8 +245,8 @@ class TransformerLayer(nn.Module):
     def __call__(
         self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
     ) -> mx.array:
-        h = x + self.attn(self.sa_norm(x), cache, mask, positions)
-        return h + self.mlp(self.mlp_norm(h))
+        h = self.attn(self.sa_norm(x), cache, mask, positions, residual=x)
+        return self.mlp(self.mlp_norm(h), residual=h)
 
 
 class Llama(nn.Module):

@@ -1,0 +1,102 @@
+"""The CSM frame with the official sampler, compiled: one traced MLX graph per frame.
+
+:meth:`CSM.generate_frame` takes any Python sampler and runs op by op: ~4,000 GPU kernels a frame,
+launched one at a time. Here the same computation — backbone step over the last frame, codebook
+0, the 31 depth-decoder steps and the 32 samplings, with the noise of the whole frame given up
+front — is traced once by ``mx.compile``, which fuses the element-wise work between matmuls and
+replays the graph without Python in the loop. Tokens are those of ``generate_frame`` with a
+``sample_topk`` sampler fed the same noise: the arithmetic is the same, only the kernels differ.
+
+To trace once, nothing may change shape or be a Python number from frame to frame: the backbone
+writes its new keys at a position held in a device array (:class:`.cache.StepKV`) and attends
+over its whole preallocated cache, masked up to that position. The prompt (any length) still
+runs the backbone eagerly; its frame's depth decoder is the compiled half.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+
+from ..sampling import check_sampling_args, sample_topk
+from .cache import FrameCache, StepKV
+
+
+@dataclass(frozen=True)
+class Draw:
+    """The sampling options a compiled frame is specialised for (see :func:`csm.sampling.sample_topk`)."""
+
+    topk: int
+    temperature: float
+    safety: bool = False
+    precision: str = "float32"
+
+    def __post_init__(self) -> None:
+        check_sampling_args(self.topk, self.temperature, self.precision)
+
+    @property
+    def greedy(self) -> bool:
+        """Temperature 0: argmax, no noise."""
+        return self.temperature == 0
+
+
+class CompiledFrame:
+    """``frame(tokens, mask, cache, noise) -> (B, 32) codes`` for one model and one :class:`Draw`.
+
+    ``noise`` is the frame's ``Exp(1)`` draws, ``(32, B, V)`` (codebook-major, the order the
+    official loop draws them), or ``None`` when the draw is greedy.
+    """
+
+    def __init__(self, model, draw: Draw):
+        self.model, self.draw = model, draw
+        # The weights are compile inputs (read at every call), so swapping them — quantizing,
+        # loading adapters — never leaves a stale trace behind.
+        self._decode = mx.compile(self._decode_codes, inputs=model.state)
+        self._step = mx.compile(self._backbone_step, inputs=model.state)
+
+    def noise_dtype(self) -> mx.Dtype:
+        """The dtype the sampler draws its noise in (that of the logits for ``precision="reference"``)."""
+        return self.model.dtype if self.draw.precision == "reference" else mx.float32
+
+    def __call__(self, tokens: mx.array, mask: mx.array, cache: FrameCache, noise: mx.array | None) -> mx.array:
+        extra = () if noise is None else (noise,)
+        if cache.offset == 0 or tokens.shape[1] > 1:  # a prompt: eager backbone, compiled decoder
+            last_h = self.model.forward_backbone(tokens, mask, cache)[:, -1]
+            return self._decode(last_h, *extra)
+        layers = cache.backbone
+        offset = mx.array([cache.offset], dtype=mx.int32)
+        keys, values = [c.keys for c in layers], [c.values for c in layers]
+        codes, keys, values = self._step(tokens, mask, offset, cache.start, keys, values, *extra)
+        for layer_cache, k, v in zip(layers, keys, values):
+            layer_cache.keys, layer_cache.values = k, v
+            layer_cache.offset += 1
+        return codes
+
+    def _sampler(self, noise: mx.array | None):
+        d = self.draw
+
+        def sample(logits: mx.array, codebook: int) -> mx.array:
+            q = None if noise is None else noise[codebook]
+            return sample_topk(logits, d.topk, d.temperature, noise=q, safety=d.safety, precision=d.precision)
+
+        return sample
+
+    def _decode_codes(self, last_h: mx.array, noise: mx.array | None = None) -> mx.array:
+        """Codebook 0 from the backbone state ``(B, D)``, then the depth decoder: ``(B, 32)``."""
+        model, sample = self.model, self._sampler(noise)
+        c0 = sample(model.codebook0_head(last_h), 0)
+        cache = FrameCache([], model.decoder.make_cache(last_h.shape[0], model.args.audio_num_codebooks, model.dtype), None)
+        return model.decode_codebooks(last_h, c0, cache, sample)
+
+    def _backbone_step(self, tokens, mask, offset, start, keys, values, noise=None):  # noqa: ANN001
+        """One frame row ``(B, 1, 33)`` through the backbone at position ``offset`` (an array), then decode."""
+        max_len = keys[0].shape[2]
+        slots = [StepKV(k, v, offset) for k, v in zip(keys, values)]
+        positions = offset - start  # (B,) RoPE position of the row
+        cached = mx.arange(max_len)
+        visible = (cached[None] >= start[:, None]) & (cached[None] <= offset)  # (B, max_len)
+        h = self.model.embed_frames(tokens, mask)
+        h = self.model.backbone(h, slots, visible[:, None, None, :], positions)[:, -1]
+        codes = self._decode_codes(h, noise)
+        return codes, [s.keys for s in slots], [s.values for s in slots]

@@ -1,0 +1,130 @@
+"""The compiled frame (csm.models.frame_step) and prefix reuse (csm.generation.frames.PromptCache).
+
+The compiled frame is what generation runs; it is checked here frame by frame against the PyTorch
+reference (transformers modules + the official sampler re-typed in torch) fed the same noise, and
+against the op-by-op frame for left-padded batches. Prefix reuse must give the tokens of a full
+re-prefill while prefilling only the rows the cache does not hold.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+from csm.generation.frames import FrameSamplers, PromptCache, generate_frames
+from csm.models import build_csm
+from csm.models.frame_step import Draw
+from csm.prompt import audio_rows, text_rows
+from csm.sampling import TorchCompatibleGenerator, sample_topk
+from csm.weights.csm_checkpoint import args_from_config
+from csm_reference import TorchCSM, audio_row, hf_state_to_mlx, random_prompt, tiny_hf_csm
+from torch_reference import torch_sample_topk
+
+FRAMES = 8
+VOCAB = 2051
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def hf():
+    return tiny_hf_csm(seed=2)
+
+
+@pytest.fixture(scope="module")
+def model(hf):
+    return build_csm(args_from_config(hf.config.to_dict()), hf_state_to_mlx(hf))
+
+
+def exp_noise(seed: int, batch: int) -> np.ndarray:
+    return np.random.default_rng(seed).exponential(size=(32, batch, VOCAB)).astype(np.float32)
+
+
+@pytest.mark.parametrize("temperature, topk", [(0.9, 50), (0.0, 50), (1.3, 2051)])
+def test_compiled_frames_equal_torch_with_shared_noise(hf, model, temperature, topk):
+    """float32, batch 2: every code of FRAMES frames equals the official frame + sampler's."""
+    from transformers import DynamicCache
+
+    tokens, mask = random_prompt(2, 9, seed=4)
+    ref, ref_cache, cache = TorchCSM(hf), DynamicCache(config=hf.config), model.make_cache(2)
+    frame = model.compiled_frame(Draw(topk=topk, temperature=temperature))
+    t_rows = (torch.from_numpy(tokens).long(), torch.from_numpy(mask))
+    x_rows = (mx.array(tokens), mx.array(mask))
+    for index in range(FRAMES):
+        noise = exp_noise(index, 2)
+
+        def choose(logits, i, q=noise):
+            if temperature == 0:
+                return logits.argmax(-1)
+            return torch_sample_topk(logits, topk, temperature, torch.from_numpy(q[i]))[:, 0]
+
+        with torch.no_grad():
+            want = ref.frame(*t_rows, ref_cache, choose).numpy().astype(np.int32)
+        got = np.array(frame(*x_rows, cache, None if temperature == 0 else mx.array(noise)))
+        np.testing.assert_array_equal(got, want, err_msg=f"frame {index}")
+        step = audio_row(want)
+        t_rows = (torch.from_numpy(step[0]).long(), torch.from_numpy(step[1]))
+        x_rows = (mx.array(step[0]), mx.array(step[1]))
+    assert cache.offset == 9 + FRAMES - 1
+
+
+def test_compiled_frame_equals_op_by_op_frame_left_padded(model):
+    """A left-padded batch: the compiled frame gives the codes of ``generate_frame`` + ``sample_topk``."""
+    long_t, long_m = random_prompt(1, 10, seed=5)
+    short_t, short_m = random_prompt(1, 6, seed=6)
+    tokens = np.concatenate([long_t, np.pad(short_t, ((0, 0), (4, 0), (0, 0)))])
+    mask = np.concatenate([long_m, np.pad(short_m, ((0, 0), (4, 0), (0, 0)))])
+    frame = model.compiled_frame(Draw(topk=20, temperature=0.8))
+    caches = model.make_cache(2), model.make_cache(2)
+    rows = [(mx.array(tokens), mx.array(mask))] * 2
+    for index in range(5):
+        noise = mx.array(exp_noise(100 + index, 2))
+        sampler = lambda logits, i, q=noise: sample_topk(logits, 20, 0.8, noise=q[i])  # noqa: E731
+        eager = np.array(model.generate_frame(*rows[0], caches[0], sampler))
+        compiled = np.array(frame(*rows[1], caches[1], noise))
+        np.testing.assert_array_equal(compiled, eager, err_msg=f"frame {index}")
+        rows = [tuple(mx.array(a) for a in audio_row(eager))] * 2
+
+
+def turn_prompts(first: int = 7, frames: int = 4):
+    """Two turns' prompts as the official layout nests them: P2 = P1 + audio(codes1) + text2."""
+    p1 = text_rows(list(range(3, 3 + first)))
+    return p1, lambda codes: tuple(np.concatenate(parts) for parts in zip(p1, audio_rows(codes), text_rows([9, 8, 7])))
+
+
+def run_turns(model, prompt_cache: PromptCache | None, seed: int = 5, frames: int = 4):
+    samplers = FrameSamplers(temperature=0.9, topk=50, generator=TorchCompatibleGenerator(seed))
+    p1, second = turn_prompts()
+    codes1 = np.stack(list(generate_frames(model, *p1, samplers, max_frames=frames, prompt_cache=prompt_cache)))[:, 0]
+    p2 = second(codes1.T)
+    codes2 = np.stack(list(generate_frames(model, *p2, samplers, max_frames=frames, prompt_cache=prompt_cache)))[:, 0]
+    return codes1, codes2, p2
+
+
+def test_prefix_reuse_prefills_only_new_rows_with_the_same_tokens(model):
+    cache = PromptCache()
+    codes1, codes2, p2 = run_turns(model, cache)
+    fresh1, fresh2, _ = run_turns(model, None)
+    np.testing.assert_array_equal(codes1, fresh1)
+    np.testing.assert_array_equal(codes2, fresh2)
+    # The cache held P1 + the 3 frames fed back; turn 2 prefills frame 4, the end-of-audio row, 3 text rows.
+    assert cache.prefilled == [7, 1 + 1 + 3]
+    assert cache.frames.offset == len(p2[0]) + 3 and len(cache.tokens) == cache.frames.offset
+
+
+def test_prefix_reuse_trims_to_the_common_prefix(model):
+    cache = PromptCache()
+    run_turns(model, cache)
+    p1, _ = turn_prompts()
+    changed = (p1[0].copy(), p1[1])
+    changed[0][4, -1] += 1  # row 4 differs: rows 0..3 are kept, the rest prefilled again
+    list(generate_frames(model, *changed, FrameSamplers(temperature=0, topk=5, key=mx.random.key(0)),
+                         max_frames=1, prompt_cache=cache))
+    assert cache.prefilled[-1] == len(p1[0]) - 4
+    other = (changed[0].copy(), changed[1])
+    other[0][0, -1] += 1  # the first row differs: nothing is kept
+    list(generate_frames(model, *other, FrameSamplers(temperature=0, topk=5, key=mx.random.key(0)),
+                         max_frames=1, prompt_cache=cache))
+    assert cache.prefilled[-1] == len(p1[0])
