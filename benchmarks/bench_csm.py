@@ -1,191 +1,319 @@
-"""Benchmark CSM-1B (random weights, full size): MLX vs the PyTorch (transformers) reference on CPU.
+"""CSM frame speed: csm-mlx vs PyTorch on the same random weights, in one run; batch scaling; quality.
 
-Measures, per backend, in its own subprocess (so peak memory is that backend's alone):
-prefill of a 200-row prompt (backbone + codebook-0 head), ms per frame (backbone step + 31
-depth-decoder steps + top-k 50 / temperature 0.9 sampling of all 32 codebooks) and peak RSS.
-MLX is also run 8- and 4-bit quantized, with its logit error / argmax agreement vs bf16
-(teacher-forced on the same codes). Prints one table with MLX/PyTorch ratios.
+Every side loads one random checkpoint (``random_weights.py``: transformers layout, written once
+to ``--weights``) and runs in its own subprocess (its own peak memory), one after the other:
 
-    python benchmarks/bench_csm.py --frames 3 [--quantized]
+* ``torch-eager``: the transformers modules run eagerly with a growing ``DynamicCache``
+  (``tests/csm_reference.TorchCSM``, the official ``generate_frame`` step by step);
+* ``torch-static``: static KV caches and fixed shapes (``torch_static.py``), eager;
+* ``torch-compiled``: the same under ``torch.compile(mode=--torch-compile)`` — on CUDA
+  ``reduce-overhead`` (CUDA graphs, as csm-streaming runs), the fastest PyTorch frame people use;
+* ``mlx`` (and ``mlx-q8`` / ``mlx-q4`` with ``--quantized``): ``CSM.generate_frame``.
+
+Measured: prefill of a 200-row prompt (backbone + codebook-0 head), ms per frame (backbone step +
+31 depth-decoder steps + top-k 50 / temperature 0.9 sampling of all 32 codebooks; the fastest of
+``--frames``), peak RSS. Speed-ups are PyTorch time / MLX time against eager *and* against the
+fastest PyTorch side. ``--batch-sizes 1,4,16,64`` adds MLX total frames/s per batch size.
+``--quality-frames N`` teacher-forces N frames (N x 32 logits rows) and reports the bfloat16,
+8-bit and 4-bit logit error and argmax agreement against float32, with counts.
+
+CPU (2 cores, ~15 min): ``python benchmarks/bench_csm.py --dtype float32``
+CUDA: ``python benchmarks/bench_csm.py --torch-device cuda --dtype bfloat16 --quantized
+--quality-frames 50 --batch-sizes 1,4,16,64 --json out.json``
+Quick check: ``--size small``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
+
 PROMPT_LEN = 200
 TOPK, TEMPERATURE = 50, 0.9
+TORCH_SIDES = ("torch-eager", "torch-static", "torch-compiled")
 
 
-def _prompt(k: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def prompt(batch: int = 1, length: int = PROMPT_LEN, k: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(B, length, k+1) rows of random audio codes and their mask (the same for every side)."""
     rng = np.random.default_rng(0)
-    tokens = np.zeros((1, PROMPT_LEN, k + 1), np.int32)
+    tokens = np.zeros((batch, length, k + 1), np.int32)
     mask = np.zeros_like(tokens, dtype=bool)
-    tokens[0, :, :k] = rng.integers(0, 2048, (PROMPT_LEN, k))
-    mask[0, :, :k] = True
+    tokens[:, :, :k] = rng.integers(0, 2048, (1, length, k))
+    mask[:, :, :k] = True
     return tokens, mask
 
 
-def _peak_rss_gb() -> float:
+def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _timed(fn, sync=lambda: None) -> float:
+def timed(fn, sync=lambda: None) -> float:
     start = time.perf_counter()
     fn()
     sync()
     return time.perf_counter() - start
 
 
-def run_mlx(frames: int, bits: int | None) -> dict:
-    import mlx.core as mx
-
-    from csm.models import CSM, CSMArgs
-    from csm.sampling import sample_topk
+# ---------------------------------------------------------------- MLX
+def mlx_model(weights: Path, dtype: str, bits: int | None = None):
+    from csm.models import load_csm
     from csm.weights.convert import quantize_csm
 
-    mx.random.seed(0)
-    model = CSM(CSMArgs())
-    model.audio_head = 0.02 * mx.random.normal(model.audio_head.shape)
-    model.set_dtype(mx.bfloat16)
-    reference = None
+    model = load_csm(weights, dtype=dtype)
     if bits:
-        mx.eval(model.parameters())
-        reference = teacher_forced_logits(model)
         quantize_csm(model, bits=bits, group_size=64)
-    mx.eval(model.parameters())
-    tokens, mask = (mx.array(a) for a in _prompt())
+    return model
+
+
+def mlx_frames(model, batch: int, frames: int) -> tuple[float, float]:
+    """(prefill seconds, fastest frame seconds) at batch size ``batch``."""
+    import mlx.core as mx
+
+    from csm.sampling import sample_topk
+
+    tokens, mask = (mx.array(a) for a in prompt(batch))
     sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
 
     def prefill():
-        cache = model.make_cache(1)
-        mx.eval(model.codebook0_head(model.forward_backbone(tokens, mask, cache)[:, -1]))
+        mx.eval(model.codebook0_head(model.forward_backbone(tokens, mask, model.make_cache(batch))[:, -1]))
 
     prefill()  # warm-up
-    prefill_s = _timed(prefill)
-    cache = model.make_cache(1)
+    prefill_s = timed(prefill)
+    cache = model.make_cache(batch)
     codes = model.generate_frame(tokens, mask, cache, sampler)
     mx.eval(codes)
-    row_mask = mx.array(np.r_[np.ones(32, bool), False][None, None])
+    row_mask = mx.array(np.tile(np.r_[np.ones(32, bool), False], (batch, 1, 1)))
 
     def frame():
         nonlocal codes
-        row = mx.concatenate([codes, mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
+        row = mx.concatenate([codes, mx.zeros((batch, 1), mx.int32)], axis=1)[:, None]
         codes = model.generate_frame(row, row_mask, cache, sampler)
         mx.eval(codes)
 
     frame()  # warm-up
-    frame_s = min(_timed(frame) for _ in range(frames))
-    out = {"prefill_s": prefill_s, "frame_s": frame_s, "peak_gb": _peak_rss_gb(), "mlx_peak_gb": mx.get_peak_memory() / 2**30}
-    if reference is not None:
-        got = teacher_forced_logits(model)
-        err = np.abs(got - reference)
-        out |= {"mean_err_rel": float(err.mean() / reference.std()), "argmax_agree": float((got.argmax(-1) == reference.argmax(-1)).mean())}
+    return prefill_s, min(timed(frame) for _ in range(frames))
+
+
+def run_mlx(args, bits: int | None) -> dict:
+    import mlx.core as mx
+
+    from csm.backend import blas_status
+
+    model = mlx_model(args.weights, args.dtype, bits)
+    prefill_s, frame_s = mlx_frames(model, 1, args.frames)
+    out = {"prefill_s": prefill_s, "frame_s": frame_s, "peak_gb": peak_rss_gb(),
+           "device": str(mx.default_device()), "blas": blas_status().path or blas_status().reason}
+    if args.batch_sizes and not bits:
+        out["batch"] = {}
+        for batch in args.batch_sizes:
+            _, seconds = mlx_frames(model, batch, max(2, args.frames // 2))
+            out["batch"][str(batch)] = {"ms_per_step": 1e3 * seconds, "frames_per_s": batch / seconds}
     return out
 
 
-def teacher_forced_logits(model) -> np.ndarray:
-    """All 32 codebooks' logits of one frame after a 20-row prompt, with fixed codes: (32, V) float32."""
+def teacher_forced_logits(model, frames: int) -> np.ndarray:
+    """(frames x 32, V) float32 logits after a 20-row prompt, every code forced to the same random values."""
     import mlx.core as mx
 
-    tokens, mask = (mx.array(a[:, :20]) for a in _prompt())
-    codes = mx.array(np.random.default_rng(1).integers(0, 2048, (1, 32)).astype(np.int32))
-    logits = []
+    tokens, mask = (mx.array(a[:, :20]) for a in prompt())
+    codes = np.random.default_rng(1).integers(0, 2048, (frames, 1, 32)).astype(np.int32)
+    row_mask = mx.array(np.r_[np.ones(32, bool), False][None, None])
+    cache, rows = model.make_cache(1), []
+    for t in range(frames):
+        forced = mx.array(codes[t])
+        logits = []
+        model.generate_frame(tokens, mask, cache, lambda x, i: (logits.append(x), forced[:, i : i + 1])[1])
+        rows.append(np.concatenate([np.array(x.astype(mx.float32)) for x in logits]))
+        tokens, mask = mx.array(np.concatenate([codes[t], [[0]]], axis=1)[:, None]), row_mask
+    return np.concatenate(rows)
 
-    def forced(x, i):
-        logits.append(x.astype(mx.float32))
-        return codes[:, i : i + 1]
 
-    model.generate_frame(tokens, mask, model.make_cache(1, max_len=32), forced)
-    return np.concatenate([np.array(x) for x in logits])
+def compare(got: np.ndarray, want: np.ndarray) -> dict:
+    agree = int((got.argmax(-1) == want.argmax(-1)).sum())
+    return {"mean_err_rel": float(np.abs(got - want).mean() / want.std()), "argmax_agree": agree, "rows": len(want)}
 
 
-def run_torch(frames: int, device: str = "cpu") -> dict:
+def run_quality(args) -> dict:
+    """bf16 / q8 / q4 teacher-forced logits against float32 (and q8/q4 against bf16)."""
+    frames = args.quality_frames
+    reference = teacher_forced_logits(mlx_model(args.weights, "float32"), frames)
+    bf16 = teacher_forced_logits(mlx_model(args.weights, "bfloat16"), frames)
+    out = {"bfloat16 vs float32": compare(bf16, reference)}
+    for bits in (8, 4):
+        got = teacher_forced_logits(mlx_model(args.weights, "bfloat16", bits), frames)
+        out[f"{bits}-bit vs float32"] = compare(got, reference)
+        out[f"{bits}-bit vs bfloat16"] = compare(got, bf16)
+    return out
+
+
+# ---------------------------------------------------------------- PyTorch
+def run_torch(args, side: str) -> dict:
     import torch
-    from transformers import CsmConfig, CsmForConditionalGeneration, DynamicCache
+    from transformers import DynamicCache
 
-    sys.path.insert(0, "tests")
-    from csm_reference import ROPE_BACKBONE, ROPE_DECODER, TorchCSM
+    from csm_reference import TorchCSM
+    from random_weights import load_torch
+    from torch_static import StaticFrame, check_against_eager, sample
 
-    from csm.analysis.token_parity import torch_sample_topk
-
-    torch.manual_seed(0)
-    config = CsmConfig(rope_parameters=dict(ROPE_BACKBONE), depth_decoder_config={"rope_parameters": dict(ROPE_DECODER)})
-    with torch.device("meta"):
-        hf = CsmForConditionalGeneration(config)
-    hf = hf.to_empty(device=device).to(torch.bfloat16).eval()
+    device = args.torch_device
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
+    hf = load_torch(args.weights, args.dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.normal_(0, 0.02)
-    ref = TorchCSM(hf)
-    tokens, mask = (torch.from_numpy(a).to(device) for a in _prompt())
+    tokens, mask = (torch.from_numpy(a).to(device) for a in prompt())
     tokens = tokens.long()
-
-    def sample(logits, _):  # the official sample_topk (exponential race)
-        return torch_sample_topk(logits, TOPK, TEMPERATURE, torch.empty_like(logits).exponential_(1))[:, 0]
-
+    row_mask = torch.from_numpy(np.r_[np.ones(32, bool), False][None, None]).to(device)
+    out = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     with torch.no_grad():
-        prefill = lambda: hf.lm_head(ref.backbone(tokens, mask, DynamicCache(config=hf.config))[:, -1])  # noqa: E731
+        if side == "torch-eager":
+            ref = TorchCSM(hf)
+            choose = lambda x, _: sample(x, TOPK, TEMPERATURE)  # noqa: E731
+            prefill = lambda: hf.lm_head(ref.backbone(tokens, mask, DynamicCache(config=hf.config))[:, -1])  # noqa: E731
+            cache = DynamicCache(config=hf.config)
+            step = lambda rows, m: ref.frame(rows, m, cache, choose)  # noqa: E731
+        else:
+            mode = args.torch_compile if side == "torch-compiled" else None
+            static = StaticFrame(hf, 1, PROMPT_LEN + args.frames + 8, topk=TOPK, temperature=TEMPERATURE,
+                                 compile_mode=mode)
+            positions = static.backbone.positions
+            prefill = lambda: static.backbone_logits(tokens, mask, positions[:PROMPT_LEN])  # noqa: E731
+            offset = [0]
+
+            def step(rows, m):
+                pos = positions[offset[0] : offset[0] + rows.shape[1]]
+                offset[0] += rows.shape[1]
+                return static.frame(rows, m, pos)
+
+            out["static_vs_eager_logit_err"] = check_against_eager(hf, tokens[:, :20], mask[:, :20], TorchCSM(hf))
         prefill()
-        prefill_s = _timed(prefill, sync)
-        cache = DynamicCache(config=hf.config)
-        codes = ref.frame(tokens, mask, cache, sample)
-        row_mask = torch.from_numpy(np.r_[np.ones(32, bool), False][None, None]).to(device)
+        out["prefill_s"] = timed(prefill, sync)
+        codes = step(tokens, mask)
         times = []
-        for _ in range(frames + 1):
-            row = torch.cat([codes, torch.zeros(1, 1, dtype=codes.dtype, device=device)], dim=1)[:, None]
+        for index in range(args.frames + 2):  # two warm-up frames (compilation)
+            row = torch.cat([codes, torch.zeros_like(codes[:, :1])], dim=1)[:, None]
             start = time.perf_counter()
-            codes = ref.frame(row, row_mask, cache, sample)
+            codes = step(row, row_mask)
             sync()
             times.append(time.perf_counter() - start)
-    out = {"prefill_s": prefill_s, "frame_s": min(times[1:]), "peak_gb": _peak_rss_gb(), "threads": torch.get_num_threads()}
+            if index == 0:
+                out["first_frame_s"] = times[0]
+    out |= {"frame_s": min(times[2:]), "peak_gb": peak_rss_gb()}
     if device == "cuda":
         out["device_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return out
 
 
-def _child(backend: str, frames: int, torch_device: str) -> dict:
-    cmd = [sys.executable, __file__, "--frames", str(frames), "--backend", backend, "--torch-device", torch_device]
+# ---------------------------------------------------------------- driver
+def child(side: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--weights", str(args.weights), "--dtype", args.dtype,
+           "--frames", str(args.frames), "--torch-threads", str(args.torch_threads), "--torch-device", args.torch_device, "--torch-compile", args.torch_compile,
+           "--quality-frames", str(args.quality_frames), "--batch-sizes", ",".join(map(str, args.batch_sizes))]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
-        raise SystemExit(f"{backend} run failed:\n{result.stderr[-3000:]}")
+        return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--frames", type=int, default=3, help="timed frames (the fastest is reported)")
-    parser.add_argument("--quantized", action="store_true", help="also run 8- and 4-bit MLX (slow on CPU)")
-    parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu",
-                        help="where the PyTorch reference runs (MLX uses its default device)")
-    parser.add_argument("--backend", choices=["mlx", "mlx-q8", "mlx-q4", "torch"], help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.backend:
-        bits = {"mlx-q8": 8, "mlx-q4": 4}.get(args.backend)
-        print(json.dumps(run_torch(args.frames, args.torch_device) if args.backend == "torch" else run_mlx(args.frames, bits)))
-        return 0
-    backends = ("torch", "mlx", "mlx-q8", "mlx-q4") if args.quantized else ("torch", "mlx")
-    results = {}
-    for backend in backends:
-        results[backend] = _child(backend, args.frames, args.torch_device)
-        print(backend, json.dumps(results[backend]), flush=True)
-    base = results["torch"]
-    print(f"CSM-1B random weights, bf16, batch 1, prompt {PROMPT_LEN} rows, {args.frames} timed frames, "
-          f"PyTorch on {args.torch_device}")
-    print(f"{'backend':<8} {'prefill s':>10} {'ms/frame':>10} {'peak RSS GB':>12} {'prefill x':>10} {'frame x':>8} {'quality':>30}")
+def run_side(side: str, args) -> dict:
+    if side in TORCH_SIDES:
+        return run_torch(args, side)
+    import csm  # noqa: F401  (before mlx.core: loads an installed OpenBLAS, see csm.backend)
+    if side == "quality":
+        return run_quality(args)
+    return run_mlx(args, {"mlx-q8": 8, "mlx-q4": 4}.get(side))
+
+
+def print_report(results: dict, args) -> None:
+    speed = {k: v for k, v in results.items() if "frame_s" in v}
+    torch_sides = [k for k in speed if k in TORCH_SIDES]
+    fastest = min(torch_sides, key=lambda k: speed[k]["frame_s"]) if torch_sides else None
+    print(f"\nCSM {args.size} random weights, {args.dtype}, batch 1, prompt {PROMPT_LEN} rows, fastest of "
+          f"{args.frames} frames; PyTorch on {args.torch_device}; {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"{'side':<15} {'prefill s':>10} {'ms/frame':>10} {'peak RSS GB':>12} "
+          f"{'x eager (frame/prefill)':>24} {'x ' + str(fastest) + ' (frame/prefill)':>34}")
+    for name, r in speed.items():
+        ratios = []
+        for base in ("torch-eager", fastest):
+            b = speed.get(base)
+            ratios.append(f"{b['frame_s'] / r['frame_s']:.2f} / {b['prefill_s'] / r['prefill_s']:.2f}" if b else "-")
+        print(f"{name:<15} {r['prefill_s']:>10.3f} {1e3 * r['frame_s']:>10.1f} {r['peak_gb']:>12.2f} "
+              f"{ratios[0]:>24} {ratios[1]:>34}")
+    print("(x = PyTorch time / this time: > 1 means faster than that PyTorch side)")
     for name, r in results.items():
-        quality = f"err/std {r['mean_err_rel']:.4f} argmax {r['argmax_agree']:.3f}" if "argmax_agree" in r else ""
-        print(f"{name:<8} {r['prefill_s']:>10.3f} {1000 * r['frame_s']:>10.1f} {r['peak_gb']:>12.2f} "
-              f"{base['prefill_s'] / r['prefill_s']:>10.2f} {base['frame_s'] / r['frame_s']:>8.2f} {quality:>30}")
-    print("(x = PyTorch time / this time: > 1 means faster than the PyTorch reference)")
+        if "error" in r:
+            print(f"{name}: failed: {r['error']}")
+        if "static_vs_eager_logit_err" in r:
+            print(f"{name}: logits vs torch-eager, one teacher-forced frame: max err / max |logit| "
+                  f"{r['static_vs_eager_logit_err']:.1e}")
+    if "batch" in results.get("mlx", {}):
+        print("\nMLX batch scaling (ms per batched frame step, total frames/s):")
+        for batch, r in results["mlx"]["batch"].items():
+            print(f"  batch {batch:>3}: {r['ms_per_step']:9.1f} ms  {r['frames_per_s']:8.1f} frames/s")
+    if "quality" in results and "error" not in results["quality"]:
+        print(f"\nquality, teacher-forced {args.quality_frames} frames x 32 codebooks (MLX):")
+        for name, r in results["quality"].items():
+            print(f"  {name:<22} mean |dlogit|/std {r['mean_err_rel']:.4f}   argmax agree "
+                  f"{r['argmax_agree']}/{r['rows']} ({100 * r['argmax_agree'] / r['rows']:.1f}%)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=["full", "small"], default="full", help="random CSM size (default: full)")
+    parser.add_argument("--weights", type=Path, help="checkpoint folder (written if missing; default: a temp dir)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
+                        help="compute dtype of every side (default: bfloat16; use float32 on CPU)")
+    parser.add_argument("--frames", type=int, default=3, help="timed frames (the fastest is reported)")
+    parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu", help="where PyTorch runs")
+    parser.add_argument("--torch-compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile mode of torch-compiled (default: reduce-overhead on cuda, none on cpu)")
+    parser.add_argument("--torch-threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--sides", help="comma-separated subset of: " + ",".join(TORCH_SIDES + ("mlx", "mlx-q8", "mlx-q4")))
+    parser.add_argument("--quantized", action="store_true", help="also time 8- and 4-bit MLX")
+    parser.add_argument("--quality-frames", type=int, default=0, help="teacher-forced frames for the quality figures")
+    parser.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",") if x], default=[],
+                        help="MLX batch scaling, e.g. 1,4,16,64")
+    parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
+    parser.add_argument("--side", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.torch_compile is None:
+        args.torch_compile = "reduce-overhead" if args.torch_device == "cuda" else "none"
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.side:
+        print(json.dumps(run_side(args.side, args)))
+        return 0
+    from random_weights import write_random_checkpoint
+
+    args.weights = args.weights or Path(tempfile.gettempdir()) / f"csm-bench-{args.size}"
+    write_random_checkpoint(args.weights, args.size)
+    sides = args.sides.split(",") if args.sides else [
+        "torch-eager", "torch-static", *(["torch-compiled"] if args.torch_compile != "none" else []),
+        "mlx", *(["mlx-q8", "mlx-q4"] if args.quantized else [])]
+    results = {}
+    for side in sides + (["quality"] if args.quality_frames else []):
+        results[side] = child(side, args)
+        print(side, json.dumps(results[side]), flush=True)
+    print_report(results, args)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results}, indent=1))
     return 0
 
 

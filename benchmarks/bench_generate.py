@@ -21,6 +21,7 @@ import json
 import platform
 import time
 
+import csm  # noqa: F401  (first: loads an installed OpenBLAS before mlx.core, see csm.backend)
 import mlx.core as mx
 import numpy as np
 

@@ -12,6 +12,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import csm  # noqa: F401  (first: loads an installed OpenBLAS before mlx.core, see csm.backend)
 import mlx.core as mx
 import numpy as np
 import torch

@@ -24,6 +24,13 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 if sys.platform == "linux":
     os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "240")
 
+# Linux CPU: the mlx[cpu] wheel's bundled reference BLAS runs float32 GEMM ~50x slower than an
+# installed OpenBLAS; load that globally before mlx.core is imported so MLX's matmuls use it
+# (CSM_MLX_BLAS=reference turns this off; see csm.backend).
+from .backend import use_fast_blas  # noqa: E402
+
+use_fast_blas()
+
 __version__ = "0.1.0"
 
 __all__ = ["AudioChunk", "Generator", "Segment", "Speech", "Turn", "load"]

@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..audio import AudioError, AudioWriter, check_output_path, read_audio, trim_trailing_silence, write_audio
+from ..backend import log_blas
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..prompt import Segment
 from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, is_repo_id
@@ -75,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or local path of the CSM weights")
     model.add_argument("--tokenizer", help="tokenizer.json path or hub repo (default: found with the weights)")
     model.add_argument("--mimi", help="Mimi checkpoint path or hub repo (default: found with the weights)")
-    model.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16",
-                       help="CSM compute dtype (bfloat16 is what the official generator runs)")
+    model.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
+                       help="CSM compute dtype; auto (default) = float32 on MLX's CPU backend (only float32 "
+                            "matmuls use its BLAS), bfloat16 on Metal/CUDA (what the official generator runs)")
     model.add_argument("--quantize", type=int, choices=[4, 8], help="quantize CSM's linear layers on load")
 
     out = parser.add_argument_group("output")
@@ -178,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
         repo = args.model if is_repo_id(args.model) else None
         context = load_voice(args.voice, args.speaker, weights_dir=speaker.weights_dir, weights_repo=repo) + context
     logger.info("model ready in %.1f s", time.perf_counter() - started)
+    log_blas(logger)
 
     options = sampling_options(args)
     started = time.perf_counter()

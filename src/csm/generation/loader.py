@@ -19,6 +19,7 @@ from pathlib import Path
 
 import mlx.core as mx
 
+from ..backend import default_dtype
 from ..codec import load_mimi
 from ..models import load_csm
 from ..prompt import TextTokenizer
@@ -40,7 +41,7 @@ logger = logging.getLogger(__name__)
 def load(
     model: str | Path = DEFAULT_MODEL,
     *,
-    dtype: str | mx.Dtype | None = "bfloat16",
+    dtype: str | mx.Dtype | None = "auto",
     quantize: int | None = None,
     group_size: int = 64,
     tokenizer: str | Path | None = None,
@@ -50,13 +51,17 @@ def load(
 
     Args:
         model: hub repo id or local path of the CSM weights (see the module docstring).
-        dtype: CSM compute dtype: "bfloat16" (what the official generator runs), "float32" or
-            "float16"; None keeps the checkpoint's dtype. Mimi always runs in float32, as upstream.
+        dtype: CSM compute dtype: "auto" (default: "float32" on MLX's CPU backend, whose BLAS runs
+            only float32 matmuls, "bfloat16" — what the official generator runs — on Metal/CUDA),
+            "bfloat16", "float32" or "float16"; None keeps the checkpoint's dtype. Mimi always runs
+            in float32, as upstream.
         quantize: 4 or 8 to quantize the CSM linear layers on load (``mlx.nn.quantize``).
         group_size: quantization group size.
         tokenizer: a ``tokenizer.json`` path or hub repo overriding the one found with the weights.
         mimi: a Mimi checkpoint path or hub repo overriding the one found with the weights.
     """
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype = default_dtype()
     root = resolve_repo(model)
     csm = load_csm(root, dtype=dtype)
     if quantize is not None:
