@@ -33,9 +33,9 @@ from csm.weights.io import WeightsError  # noqa: E402
 
 torch.set_num_threads(2)
 
-# Measured on a 2-core CPU VM: decode 2.7e-7 .. 3.1e-7, streamed decode the same (max abs error /
-# max abs moshi sample); the bound is the issue's.
-DECODE_RTOL = 1e-4
+# max abs error / max abs moshi sample. Measured (MLX CPU, 2-core VM): decode 4.9e-7, streamed
+# decode 6.5e-7; the issue asks for <= 1e-4.
+DECODE_RTOL = 1e-5
 DECODE_FRAMES = 3
 ENCODE_FRAMES = 3
 FRAME = 1920
@@ -124,7 +124,9 @@ def ours(request, reference, state, tmp_path_factory):
 @pytest.fixture(scope="module")
 def codes() -> torch.Tensor:
     gen = torch.Generator().manual_seed(2)
-    return torch.randint(0, 2048, (1, 32, DECODE_FRAMES), generator=gen)
+    codes = torch.randint(0, 2048, (1, 32, DECODE_FRAMES), generator=gen)
+    codes[:, :, 0] = 97 * torch.randint(0, 2048 // 97 + 1, (32,), generator=gen)  # TINY_USAGE rows
+    return codes
 
 
 @pytest.fixture(scope="module")
