@@ -33,9 +33,9 @@ from csm.weights.io import WeightsError  # noqa: E402
 
 torch.set_num_threads(2)
 
-# max abs error / max abs moshi sample. Measured (MLX CPU, 2-core VM): decode 4.9e-7, streamed
-# decode 6.5e-7; the issue asks for <= 1e-4.
-DECODE_RTOL = 1e-5
+# max abs error / max abs moshi sample. Measured (MLX CPU, 2-core VM): decode 8.4e-7, streamed
+# decode 6.1e-7; a tanh GELU gives 4.7e-5. The issue asks for <= 1e-4.
+DECODE_RTOL = 5e-6
 DECODE_FRAMES = 3
 ENCODE_FRAMES = 3
 FRAME = 1920
@@ -51,14 +51,21 @@ OLDER_EMBEDDING = ("embed_avg", "embed_sum")  # both old names of embedding_sum:
 
 def randomize_(model: torch.nn.Module, seed: int) -> None:
     """Re-draw what moshi initialises to a constant (LayerNorm gains/biases, layer scales,
-    codebooks), so that every weight changes the output. Random conv/linear weights stay."""
+    codebooks), so that every weight changes the output. Random conv/linear weights stay.
+
+    Codebook vectors are small (std 0.1) so that the transformer layers' outputs are not drowned
+    by the latent they are added to, and LayerNorm gains are large (1.5..4.5) so that the GELU
+    inputs spread over the range where its erf and tanh forms differ: a tanh GELU then misses
+    the decode bound by 9x (4.7e-5), where it would pass the issue's 1e-4."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if bool((p == p.flatten()[0]).all()):
                 if name.endswith("bias"):
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-                else:  # LayerNorm gains, layer scales
+                elif ".norm" in name:  # LayerNorm gains
+                    p.copy_(torch.rand(p.shape, generator=gen) * 3 + 1.5)
+                else:  # layer scales
                     p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
         for name, buf in model.named_buffers():
             if name.endswith("cluster_usage"):
@@ -66,7 +73,7 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 buf[::97] = TINY_USAGE
             elif name.endswith("embedding_sum"):
                 usage = model.get_buffer(name.replace("embedding_sum", "cluster_usage"))
-                buf.copy_(torch.randn(buf.shape, generator=gen) * usage[:, None])
+                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1 * usage[:, None])
             elif name.endswith("_initialized"):
                 buf.fill_(1.0)
         for module in model.modules():
