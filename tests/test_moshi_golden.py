@@ -25,10 +25,11 @@ pytest.importorskip(
     reason='needs the moshi package: pip install --no-deps "moshi==0.2.13" einops sentencepiece',
 )
 from moshi.models import loaders  # noqa: E402
+from moshi.modules.transformer import set_attention_context  # noqa: E402
 
 import mlx.core as mx  # noqa: E402
 
-from csm.codec import load_mimi, mimi_from_weights  # noqa: E402
+from csm.codec import MimiArgs, load_mimi, mimi_from_weights  # noqa: E402
 from csm.weights.io import WeightsError  # noqa: E402
 
 torch.set_num_threads(2)
@@ -39,6 +40,8 @@ DECODE_RTOL = 5e-6
 DECODE_FRAMES = 3
 ENCODE_FRAMES = 3
 FRAME = 1920
+CONTEXT = 250  # moshi's attention context, our sliding_window (transformer steps, 2 per frame)
+SHORT_CONTEXT = 3  # crossed by 3 frames (6 steps)
 TINY_USAGE = 1e-7  # below moshi's 1e-5 clamp: makes the clamp matter for a few codebook rows
 
 # Names moshi's load hooks accept (StreamingMultiheadAttention._load_hook,
@@ -197,6 +200,37 @@ def test_streaming_encode_matches_moshi(ours, pcm, expected):
     chunks = [mx.array(pcm[..., t * FRAME : (t + 1) * FRAME]) for t in range(ENCODE_FRAMES)]
     got = np.concatenate([np.array(ours.encode_step(c, state)) for c in chunks], -1)
     np.testing.assert_array_equal(got, expected["encode_step"])
+
+
+@pytest.fixture
+def short_context(reference):
+    """moshi with a 3-step attention context (its own setter), restored afterwards."""
+    set_attention_context(reference, SHORT_CONTEXT)
+    try:
+        yield reference
+    finally:
+        set_attention_context(reference, CONTEXT)
+
+
+def test_sliding_window_matches_moshi_context(short_context, mx_state, codes, pcm, expected):
+    """moshi's ``context`` and our ``sliding_window`` count the same steps (the released 250
+    would take 125 frames to cross; 3 frames cross 3 steps).
+
+    Past the window, moshi's streaming differs from its own one-shot decode (8.9e-2 here): its
+    250-slot ring cache is written with both steps of a frame before the first one attends, so
+    that step loses its oldest key. The official CSM decodes one-shot; ours streams to the
+    one-shot result, so both of ours are held to moshi's one-shot decode."""
+    ours = mimi_from_weights(mx_state, MimiArgs(sliding_window=SHORT_CONTEXT))
+    with torch.no_grad():
+        audio = short_context.decode(codes).numpy()
+        encoded = short_context.encode(torch.from_numpy(pcm)).numpy()
+    assert relative_error(mx.array(audio), expected["decode"]) > 100 * DECODE_RTOL  # the window matters
+    frames = mx.array(codes.numpy())
+    assert relative_error(ours.decode(frames), audio) <= DECODE_RTOL
+    state = ours.make_state(batch_size=1)
+    streamed = mx.concatenate([ours.decode_step(frames[:, :, t : t + 1], state) for t in range(DECODE_FRAMES)], -1)
+    assert relative_error(streamed, audio) <= DECODE_RTOL
+    np.testing.assert_array_equal(np.array(ours.encode(mx.array(pcm))), encoded)
 
 
 @pytest.fixture(scope="module")
