@@ -20,7 +20,25 @@ CODEC_PREFIX = "codec_model."
 KYUTAI = "kyutai"
 TRANSFORMERS = "transformers"
 
-#: transformers' converter: ordered substring replacements, every matching rule applied.
+#: The renames of moshi's own load hooks (``StreamingMultiheadAttention._load_hook`` and
+#: ``EuclideanCodebook._load_from_state_dict`` in moshi 0.2.x): every older name of a tensor ->
+#: the name ``MimiModel.state_dict()`` gives today. The released file
+#: (``tokenizer-e351c8d8-checkpoint125.safetensors``) carries ``in_proj_weight`` and ``out_proj``.
+#: Mimi has one projection per attention (no per-step weights), hence index 0 only; moshi's
+#: LoRA and bitsandbytes (``_scb``) names are not Mimi's and stay unexpected keys.
+_MOSHI_OLD_NAMES = {
+    "self_attn.in_proj_weight": "self_attn.in_projs.0.weight",
+    "self_attn.in_proj.weight": "self_attn.in_projs.0.weight",
+    "self_attn.out_proj.weight": "self_attn.out_projs.0.weight",
+    "_codebook.inited": "_codebook._initialized",
+    "_codebook.cluster_size": "_codebook.cluster_usage",
+    "_codebook.embed_avg": "_codebook.embedding_sum",
+    "_codebook.embed_sum": "_codebook.embedding_sum",
+}
+_MOSHI_OLD = re.compile(r"(?<![^.])(" + "|".join(map(re.escape, _MOSHI_OLD_NAMES)) + r")$")
+
+#: moshi's current names -> transformers' (its converter's table, with exact attention names):
+#: ordered substring replacements, every matching rule applied.
 _KYUTAI_RENAMES = (
     ("conv.conv.conv", "conv"),
     ("convtr.convtr.convtr", "conv"),
@@ -39,9 +57,8 @@ _KYUTAI_RENAMES = (
     ("decoder_transformer.transformer", "decoder_transformer"),
     ("linear1", "mlp.fc1"),
     ("linear2", "mlp.fc2"),
-    ("self_attn.out_proj", "self_attn.o_proj"),
-    ("self_attn.out_projs.0", "self_attn.o_proj"),  # names after moshi's own load hook
-    ("self_attn.in_projs.0.weight", "self_attn.in_proj_weight"),
+    ("self_attn.out_projs.0.weight", "self_attn.o_proj.weight"),
+    ("self_attn.in_projs.0.weight", "self_attn.in_proj_weight"),  # split by _split_in_proj
     ("norm1", "input_layernorm"),
     ("norm2", "post_attention_layernorm"),
     ("layer_scale_1", "self_attn_layer_scale"),
@@ -82,14 +99,26 @@ def to_transformers_layout(
     if detect_layout(set(weights), source=source) == TRANSFORMERS:
         return {_flatten_halves(k): v for k, v in weights.items()}
     out: dict[str, mx.array] = {}
-    for key, value in weights.items():
-        for old, new in _KYUTAI_RENAMES:
-            key = key.replace(old, new)
+    origin: dict[str, str] = {}
+    for original, value in weights.items():
+        key = kyutai_to_transformers_name(original)
+        if key in origin:
+            raise WeightsError(f"{source}: {origin[key]} and {original} are the same tensor under two names")
+        origin[key] = original
         if key.endswith("self_attn.in_proj_weight"):
             out.update(_split_in_proj(key, value, num_heads, source))
         else:
             out[key] = value
     return out
+
+
+def kyutai_to_transformers_name(key: str) -> str:
+    """One moshi ``MimiModel`` key, in any naming moshi has used, -> transformers' flat name
+    (``self_attn.in_proj_weight`` stays fused: q/k/v are split with the tensor)."""
+    key = _MOSHI_OLD.sub(lambda m: _MOSHI_OLD_NAMES[m.group(1)], key)
+    for old, new in _KYUTAI_RENAMES:
+        key = key.replace(old, new)
+    return key
 
 
 def _flatten_halves(key: str) -> str:
