@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -55,18 +57,177 @@ def test_stream_writes_the_same_audio(model_dir, tmp_path):
     assert np.abs(x.astype(int) - y.astype(int)).max() <= 1  # float chunks → int16 may round 1 LSB apart
 
 
-def test_long_text_and_script_make_one_file(model_dir, tmp_path):
+#: Three sentences of ~160 characters: any two exceed the splitter's 300, so the text is three turns.
+LONG_TEXT = (
+    "The first sentence is long on purpose, so that two of them never fit into one chunk of three hundred "
+    "characters, and the splitter has to start a new turn after it. "
+    "The second sentence is just as long, and it carries the first one along as context, which is how a "
+    "long text keeps one voice from the beginning to the end of it. "
+    "A third sentence, also long enough to stand alone as its own turn, closes the text; it is followed by "
+    "no pause at all because nothing comes after it in the file."
+)
+CAP_FRAMES = 8  # --max-audio-ms 640; the tiny model never emits the end frame (p ~ 64**-32)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_long_text_is_turns_joined_by_exact_pauses(model_dir, tmp_path, stream):
+    """3 turns of 8 frames and 2 pauses of 55 ms (1320 samples, not a frame multiple), silent."""
     out = tmp_path / "long.wav"
-    assert speak(model_dir, out, "--text", "First sentence. Second one! Third?", "--seed", "1",
-                 "--pause-ms", "80") == 0
-    pause = int(0.08 * SAMPLE_RATE)
-    frames_and_pauses = sf.info(str(out)).frames
-    assert (frames_and_pauses - 2 * pause) % SAMPLES_PER_FRAME == 0  # 3 sentences → 2 pauses
+    assert speak(model_dir, out, "--text", LONG_TEXT, "--seed", "1", "--pause-ms", "55", *["--stream"] * stream) == 0
+    pcm, _ = sf.read(str(out), dtype="int16")
+    turn, pause = CAP_FRAMES * SAMPLES_PER_FRAME, 1320
+    assert len(pcm) == 3 * turn + 2 * pause
+    for end in (turn, 2 * turn + pause):
+        assert not pcm[end : end + pause].any()  # the pause is silence...
+        assert pcm[end - 480 : end].any() and pcm[end + pause : end + pause + 480].any()  # ...between speech
+
+
+def test_script_turns_without_pause(model_dir, tmp_path):
     script = tmp_path / "talk.txt"
     script.write_text("0: Hi there.\n1: Hello!\n")
-    out2 = tmp_path / "talk.wav"
-    assert speak(model_dir, out2, "--script", str(script), "--seed", "1", "--pause-ms", "0") == 0
-    assert sf.info(str(out2)).frames % SAMPLES_PER_FRAME == 0
+    out = tmp_path / "talk.wav"
+    assert speak(model_dir, out, "--script", str(script), "--seed", "1", "--pause-ms", "0") == 0
+    assert sf.info(str(out)).frames == 2 * CAP_FRAMES * SAMPLES_PER_FRAME
+
+
+def test_text_file_equals_text(model_dir, tmp_path):
+    text = tmp_path / "words.txt"
+    text.write_text("Hello from\na text file.\n")
+    assert speak(model_dir, tmp_path / "a.wav", "--text-file", str(text), "--seed", "6") == 0
+    assert speak(model_dir, tmp_path / "b.wav", "--text", "Hello from a text file.", "--seed", "6") == 0
+    assert (tmp_path / "a.wav").read_bytes() == (tmp_path / "b.wav").read_bytes()
+
+
+def test_format_overrides_the_suffix(model_dir, tmp_path):
+    flac, wav = tmp_path / "speech.audio", tmp_path / "really.flac"
+    assert speak(model_dir, flac, "--text", "Hi.", "--seed", "2", "--format", "flac") == 0
+    assert speak(model_dir, wav, "--text", "Hi.", "--seed", "2", "--format", "wav") == 0
+    assert sf.info(str(flac)).format == "FLAC" and sf.info(str(wav)).format == "WAV"
+    a, b = (sf.read(str(f), dtype="int16")[0].astype(int) for f in (flac, wav))
+    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # libsndfile: FLAC rounds, WAV floors
+
+
+def test_printed_random_seed_repeats_the_audio(model_dir, tmp_path, capsys):
+    first, again = tmp_path / "first.wav", tmp_path / "again.wav"
+    assert speak(model_dir, first, "--text", "Hi.") == 0
+    seeds = re.findall(r"\bseed (\d+)", capsys.readouterr().err)
+    assert len(seeds) == 1
+    assert speak(model_dir, again, "--text", "Hi.", "--seed", seeds[0]) == 0
+    assert first.read_bytes() == again.read_bytes()
+    assert speak(model_dir, tmp_path / "other.wav", "--text", "Hi.") == 0  # a fresh seed each run
+    assert re.findall(r"\bseed (\d+)", capsys.readouterr().err) != seeds
+
+
+def test_trim_silence_cuts_each_turn(model_dir, tmp_path, monkeypatch):
+    """With a Mimi whose decode ends in 1 s of silence, --trim-silence keeps 200 ms of it per turn."""
+    import csm.generation
+
+    real_load = csm.generation.load
+
+    class SilentTail:
+        def __init__(self, mimi):
+            self.mimi = mimi
+
+        def __getattr__(self, name):
+            return getattr(self.mimi, name)
+
+        def decode(self, codes):
+            audio = self.mimi.decode(codes)
+            return mx.concatenate([audio, mx.zeros((*audio.shape[:2], SAMPLE_RATE))], axis=-1)
+
+    def load(*args, **kwargs):
+        speaker = real_load(*args, **kwargs)
+        speaker.mimi = SilentTail(speaker.mimi)
+        return speaker
+
+    monkeypatch.setattr(csm.generation, "load", load)
+    text = LONG_TEXT[: LONG_TEXT.index(" A third")]  # two turns
+    full, trimmed = tmp_path / "full.wav", tmp_path / "trimmed.wav"
+    assert speak(model_dir, full, "--text", text, "--seed", "3", "--pause-ms", "100") == 0
+    assert speak(model_dir, trimmed, "--text", text, "--seed", "3", "--pause-ms", "100", "--trim-silence") == 0
+    speech, pause = CAP_FRAMES * SAMPLES_PER_FRAME, 2400
+    assert sf.info(str(full)).frames == 2 * (speech + SAMPLE_RATE) + pause
+    assert sf.info(str(trimmed)).frames == 2 * (speech + 4800) + pause  # 200 ms of each silence kept
+
+
+def test_watermark_skipped_without_silentcipher(model_dir, tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "silentcipher", None)  # import silentcipher raises ImportError
+    plain, skipped = tmp_path / "plain.wav", tmp_path / "skipped.wav"
+    assert speak(model_dir, plain, "--text", "Hi.", "--seed", "4") == 0
+    assert not [r for r in caplog.records if "watermark" in r.getMessage()]
+    fast = [a for a in FAST if a != "--no-watermark"]
+    assert main(["--model", str(model_dir), "--output", str(skipped), *fast, "--text", "Hi.", "--seed", "4"]) == 0
+    assert [r.levelname for r in caplog.records if "watermark skipped" in r.getMessage()] == ["WARNING"]
+    assert plain.read_bytes() == skipped.read_bytes()
+
+
+def test_watermark_applied_to_files_not_streams(model_dir, tmp_path, monkeypatch):
+    """A stand-in silentcipher (halves the audio) is applied with the official key at 44.1 kHz to a
+    whole file; a streamed file is left unwatermarked."""
+    import types
+
+    calls = []
+
+    class Model:
+        def encode_wav(self, audio, rate, key, calc_sdr, message_sdr):
+            calls.append((len(audio), rate, list(key)))
+            return 0.5 * audio, None
+
+    fake = types.SimpleNamespace(get_model=lambda model_type, device: Model())
+    monkeypatch.setitem(sys.modules, "silentcipher", fake)
+    fast = [a for a in FAST if a != "--no-watermark"]
+    outputs = {}
+    for name, extra in [("plain", ["--no-watermark"]), ("marked", []), ("stream", ["--stream"]),
+                        ("stream-plain", ["--stream", "--no-watermark"])]:  # fmt: skip
+        outputs[name] = tmp_path / f"{name}.wav"
+        assert main(["--model", str(model_dir), "--output", str(outputs[name]), *fast, "--text", "Hi.",
+                     "--torch-seed", "4", *extra]) == 0  # fmt: skip
+    assert calls == [(CAP_FRAMES * SAMPLES_PER_FRAME * 44_100 // SAMPLE_RATE, 44_100, [212, 211, 146, 56, 201])]
+    plain, marked = (sf.read(str(outputs[n]))[0] for n in ("plain", "marked"))
+    assert plain.shape == marked.shape
+    from csm.audio.io import resample
+
+    halved = 0.5 * resample(resample(plain, SAMPLE_RATE, 44_100), 44_100, SAMPLE_RATE)
+    assert np.abs(marked - halved).max() <= 2 / 32768  # the stand-in's work, through 24 -> 44.1 -> 24 kHz
+    assert outputs["stream"].read_bytes() == outputs["stream-plain"].read_bytes()
+
+
+def test_mimi_stays_float32_under_bfloat16(model_dir):
+    from mlx.utils import tree_flatten
+
+    from csm.generation import load
+
+    speaker = load(model_dir, dtype="bfloat16")
+    assert {v.dtype for _, v in tree_flatten(speaker.model.parameters())} == {mx.bfloat16}
+    assert {v.dtype for _, v in tree_flatten(speaker.mimi.parameters())} == {mx.float32}
+    audio = speaker.generate("Hi.", seed=1, max_audio_length_ms=160)
+    assert audio.dtype == np.float32 and audio.shape == (2 * SAMPLES_PER_FRAME,)
+
+
+def test_sharded_checkpoint_follows_its_index(model_dir, tmp_path):
+    """The same weights in two shards + model.safetensors.index.json speak the same bytes; a
+    .safetensors file the index does not list is not read."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copy(model_dir / name, sharded / name)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    keys = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": keys[::2], "model-00002-of-00002.safetensors": keys[1::2]}
+    for file, names in shards.items():
+        save_file({k: tensors[k] for k in names}, str(sharded / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    save_file({"stray.weight": np.zeros(3, np.float32)}, str(sharded / "not-in-index.safetensors"))
+    one, two = tmp_path / "one.wav", tmp_path / "two.wav"
+    assert speak(model_dir, one, "--text", "Same weights.", "--seed", "5") == 0
+    assert speak(sharded, two, "--text", "Same weights.", "--seed", "5") == 0
+    assert one.read_bytes() == two.read_bytes()
 
 
 def test_voice_folder_and_context_audio(model_dir, tmp_path):

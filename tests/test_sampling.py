@@ -2,29 +2,23 @@
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-
 import mlx.core as mx
 import numpy as np
 import pytest
 from scipy import stats
 
-import csm.sampling
 from csm.sampling import TORCH_EPSILON, TorchCompatibleGenerator, sample_topk
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
 
+from csm.analysis.token_parity import rounding_ties  # noqa: E402
 from torch_reference import torch_sample_topk  # noqa: E402  (the official sampler, re-typed in plain torch)
 
 VOCAB = 2051
 TEMPERATURES = [0.5, 0.7, 0.9, 1.1, 1.3]
 TOPKS = [1, 10, 50, 100, 200, VOCAB]
 DRAWS_PER_CELL = 3_400  # x 30 cells = 102,000 draws per precision
-#: bf16 reference mode: torch's softmax is not bit-reproducible (Sleef exp, SIMD sum order), so a
-#: rare probability can round to the neighbouring bf16 value; the issue's floor for the rate.
-BF16_MIN_IDENTICAL_RATE = 0.9999
 #: χ² goodness of fit: reject only below this p-value.
 CHI2_ALPHA = 1e-3
 CHI2_VOCAB = 256
@@ -47,8 +41,9 @@ def csm_like_logits(rng: np.random.Generator, rows: int) -> np.ndarray:
 
 
 def _shared_noise_grid(dtype_mx, dtype_torch, precision):
+    """(identical tokens, rounding ties among the mismatches, draws) over the temperature x top-k grid."""
     rng = np.random.default_rng(1234)
-    same = total = 0
+    same = ties = total = 0
     for temperature in TEMPERATURES:
         for topk in TOPKS:
             logits = csm_like_logits(rng, DRAWS_PER_CELL)
@@ -59,24 +54,32 @@ def _shared_noise_grid(dtype_mx, dtype_torch, precision):
             got = sample_topk(
                 mx.array(logits).astype(dtype_mx), topk, temperature, noise=mx.array(noise), precision=precision
             )
-            same += int((np.array(got) == expected).sum())
+            got = np.array(got)
+            same += int((got == expected).sum())
             total += expected.size
-    return same, total
+            # a mismatch between two codes whose exact race scores are within 2**-20 (the token
+            # tool's rule) may go either way in any framework; scored on the values torch saw
+            seen = torch.from_numpy(logits).to(dtype_torch).float().numpy()
+            seen_noise = torch.from_numpy(noise).to(dtype_torch).float().numpy()
+            ties += rounding_ties(seen, seen_noise, topk, temperature, got[:, 0], expected[:, 0])
+    return same, ties, total
 
 
 def test_shared_noise_parity_float32():
-    same, total = _shared_noise_grid(mx.float32, torch.float32, "float32")
+    same, _, total = _shared_noise_grid(mx.float32, torch.float32, "float32")
     assert total >= 100_000
     assert same == total, f"{total - same} of {total} tokens differ"
 
 
 def test_shared_noise_parity_bf16_reference(record_property):
-    same, total = _shared_noise_grid(mx.bfloat16, torch.bfloat16, "reference")
-    rate = same / total
-    record_property("bf16_reference_identical_rate", rate)
-    print(f"bf16 reference precision: {same}/{total} identical tokens ({rate:.6%})")
+    """bf16 logits, precision="reference": every token equals torch's bf16 sampler's, except rounding
+    ties as the token tool counts them (measured: 102,000 of 102,000 identical, 2-core x86 CPU VM;
+    torch's softmax is not bit-reproducible across machines: Sleef exp, SIMD sum order)."""
+    same, ties, total = _shared_noise_grid(mx.bfloat16, torch.bfloat16, "reference")
+    record_property("bf16_reference_identical_rate", same / total)
+    print(f"bf16 reference precision: {same}/{total} identical tokens, {ties} of the mismatches rounding ties")
     assert total >= 100_000
-    assert rate >= BF16_MIN_IDENTICAL_RATE
+    assert same + ties == total, f"{total - same - ties} of {total} tokens differ beyond rounding ties"
 
 
 @pytest.mark.parametrize(
@@ -276,7 +279,18 @@ def test_invalid_arguments(kwargs, message):
         sample_topk(args.pop("logits"), args.pop("topk"), args.pop("temperature"), **args)
 
 
-def test_sampler_has_no_host_syncs():
-    # The frame loop evaluates 32 samplings at once: the sampler must never read device data.
-    source = Path(csm.sampling.__file__).read_text()
-    assert not re.search(r"\.item\(|\.tolist\(|np\.(as)?array\(|mx\.eval\(|__array__", source)
+@pytest.mark.parametrize("temperature", [0.9, 0.0])
+@pytest.mark.parametrize("source", ["key", "generator", "noise"])
+def test_sampler_traces_without_host_reads(source, temperature):
+    """The frame loop evaluates 32 samplings at once: under ``mx.compile`` (logits traced) a host
+    read anywhere in the sampler raises. The traced tokens equal the eager ones."""
+    logits = mx.array(csm_like_logits(np.random.default_rng(12), 64)).astype(mx.bfloat16).reshape(2, 32, VOCAB)
+
+    def sample(logits: mx.array) -> list[mx.array]:
+        noise = {"key": {"key": mx.random.key(4)}, "generator": {"generator": TorchCompatibleGenerator(4)},
+                 "noise": {"noise": mx.ones(logits.shape) * 0.5}}[source]  # fmt: skip
+        return [sample_topk(logits, 50, temperature, **noise, precision=precision, safety=safety)
+                for precision in ("float32", "reference") for safety in (False, True)]  # fmt: skip
+
+    for eager, traced in zip(sample(logits), mx.compile(sample)(logits)):
+        np.testing.assert_array_equal(np.array(traced), np.array(eager))

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
+torch.set_num_threads(1)  # two threads on a busy 2-core machine are 3x slower
+
 from csm.analysis import token_parity as tp  # noqa: E402
 from csm.analysis.plots import HEATMAP_METRICS  # noqa: E402
 from csm.cli import mlx_token_test  # noqa: E402
@@ -122,6 +124,23 @@ def test_rounding_ties_only_counts_near_equal_scores():
     # row 0: tokens 0 and 1 have scores 1 and 1/(1+1e-9) (float32 rounds the noise to 1.0): a tie;
     # row 1: scores 1 and 1/3: a real mismatch
     assert tp.rounding_ties(rows, noise, 4, 1.0, ours, theirs) == 1
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_tool_torch_sampler_equals_the_tests_reference(dtype):
+    """The tool's re-typed official sampler against the tests' own (tests/torch_reference.py),
+    on the tool's logits families, shared noise: every token equal."""
+    from torch_reference import torch_sample_topk as reference
+
+    rng = np.random.default_rng(0)
+    rows = np.concatenate([tp.make_logits(family, 100, rng) for family in tp.FAMILIES])
+    noise = rng.standard_exponential(rows.shape, dtype=np.float32)
+    x, q = (torch.from_numpy(a).to(getattr(torch, dtype)) for a in (rows, noise))
+    for temperature in (0.5, 1.3):
+        for topk in (1, 50, 2051):
+            ours = tp.torch_sample_topk(x, topk, temperature, q)
+            np.testing.assert_array_equal(ours.numpy(), reference(x, topk, temperature, q).numpy())
+            assert ours.dtype == torch.int32 and ours.shape == (len(rows), 1)
 
 
 def test_test_tokens_script_runs_from_the_repo_root(tmp_path):

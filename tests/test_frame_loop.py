@@ -1,0 +1,66 @@
+"""csm.generation.frames.generate_frames: when rows end, what comes back (a scripted stand-in model).
+
+The model contract of ``generate_frames`` is ``make_cache(batch)`` and
+``generate_frame(tokens, mask, cache, sampler) -> (B, 32) int32``; the stand-in plays a fixed
+script of frames so that the end frames fall where the test wants them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from csm.generation.frames import FrameSamplers, generate_frames
+from csm.sampling import TorchCompatibleGenerator
+
+
+class ScriptedModel:
+    """Returns ``script[n]`` (B, 32) on the n-th frame; non-zero frames after the script."""
+
+    def __init__(self, script: list[np.ndarray]):
+        self.script, self.calls = script, 0
+
+    def make_cache(self, batch_size: int) -> list:
+        return []
+
+    def generate_frame(self, tokens, mask, cache, sampler) -> mx.array:
+        batch = tokens.shape[0]
+        frame = self.script[self.calls] if self.calls < len(self.script) else np.full((batch, 32), 7)
+        self.calls += 1
+        return mx.array(frame.astype(np.int32))
+
+
+def frame(*rows: int) -> np.ndarray:
+    """One frame whose row r holds code rows[r] everywhere (0 = the end frame)."""
+    return np.repeat(np.array(rows)[:, None], 32, axis=1)
+
+
+def samplers(kind: str) -> FrameSamplers:
+    noise = {"key": mx.random.key(0)} if kind == "key" else {"generator": TorchCompatibleGenerator(0)}
+    return FrameSamplers(temperature=0.9, topk=50, **noise)
+
+
+PROMPT = np.zeros((2, 3, 33), np.int32), np.ones((2, 3, 33), bool)
+
+
+@pytest.mark.parametrize("kind", ["key", "generator"])  # speculative and exact-stream loops
+def test_ended_batch_rows_come_back_as_zeros(kind):
+    # row 0 ends on frame 2 and the model keeps producing codes for it; row 1 ends on frame 4
+    script = [frame(1, 2), frame(3, 4), frame(0, 5), frame(6, 8), frame(9, 0)]
+    got = list(generate_frames(ScriptedModel(script), *PROMPT, samplers(kind), max_frames=10))
+    expected = [frame(1, 2), frame(3, 4), frame(0, 5), frame(0, 8)]  # frame 4: every row has ended
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == (2, 32)
+        np.testing.assert_array_equal(g, e)
+
+
+@pytest.mark.parametrize("kind", ["key", "generator"])
+def test_single_row_stops_at_the_end_frame_and_the_cap(kind):
+    tokens, mask = PROMPT[0][:1], PROMPT[1][:1]
+    ends = [frame(1), frame(2), frame(0), frame(3)]
+    got = list(generate_frames(ScriptedModel(ends), tokens, mask, samplers(kind), max_frames=10))
+    np.testing.assert_array_equal(np.concatenate(got), np.concatenate([frame(1), frame(2)]))  # end frame not yielded
+    capped = list(generate_frames(ScriptedModel([frame(4)] * 10), tokens[0], mask[0], samplers(kind), max_frames=3))
+    assert len(capped) == 3 and all((c == 4).all() for c in capped)
