@@ -61,7 +61,7 @@ def tokenize_text_segment(tokenizer: Tokenizer, text: str, speaker: int) -> tupl
 
 def tokenize_audio(codes) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     """``_tokenize_audio`` after Mimi: codes ``(32, T)`` + an all-zero end frame, one row per frame."""
-    codes = torch.as_tensor(np.asarray(codes)).long()
+    codes = torch.as_tensor(np.ascontiguousarray(codes)).long()
     codes = torch.cat([codes, torch.zeros(codes.size(0), 1).long()], dim=1)
     frame = torch.zeros(codes.size(1), NUM_CODEBOOKS + 1).long()
     frame_mask = torch.zeros(codes.size(1), NUM_CODEBOOKS + 1).bool()
