@@ -70,21 +70,76 @@ def randomize_(module: torch.nn.Module, seed: int) -> None:
 def build_tiny_csm(seed: int = 0):
     """The tiny transformers CsmForConditionalGeneration, float32, eval mode, re-randomised.
 
-    Random weights make Mimi's output huge (~1e5); the last decoder convolution is scaled so that
-    audio peaks near 0.5 and 16-bit files hold a waveform rather than clipped samples.
+    Random weights make Mimi's signals huge (~1e5): the last decoder convolution is scaled so
+    that audio peaks near 0.5 and 16-bit files hold a waveform rather than clipped samples, and
+    the encoder's so that its output has unit spread. Without the latter the quantizer compares
+    ~1e6-sized latents with O(1) codebook entries, where float32 rounding picks the codes, and
+    no two implementations agree. The encoder's biases are shrunk (x0.1) so that the codes
+    follow the signal rather than a constant offset.
     """
     from transformers import CsmForConditionalGeneration
 
     torch.manual_seed(seed)
     model = CsmForConditionalGeneration(tiny_config()).eval()
     randomize_(model, seed)
+    codec = model.codec_model
     codes = torch.randint(0, CODEBOOK_SIZE, (1, 32, 8), generator=torch.Generator().manual_seed(seed))
+    t = torch.arange(4 * 1920) / 24_000
+    chirp = (0.3 * torch.sin(2 * torch.pi * (300 + 2000 * t) * t))[None, None]
     with torch.no_grad():
-        peak = model.codec_model.decode(codes).audio_values.abs().max()
-        last_conv = [m for m in model.codec_model.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
+        peak = codec.decode(codes).audio_values.abs().max()
+        last_conv = [m for m in codec.decoder.modules() if isinstance(m, torch.nn.Conv1d)][-1]
         last_conv.weight.mul_(0.5 / peak)
         last_conv.bias.mul_(0.5 / peak)
+        seanet = codec.encoder.encoder_seanet
+        convs = [m for m in seanet.modules() if isinstance(m, torch.nn.Conv1d)]
+        for conv in convs:
+            conv.bias.mul_(0.1)
+        spread = seanet(chirp).std()
+        convs[-1].weight.div_(spread)
+        convs[-1].bias.div_(spread)
     return model
+
+
+def make_turns_end_(model, *, end_bias: float = 2.0, chain_bias: float = 20.0) -> None:
+    """Bias a tiny model so that turns end by the all-zero frame after a few frames (in place).
+
+    With 64 random codes per codebook an all-zero frame has probability ~64^-32, so a random
+    model never ends a turn. Two hidden "wires" that no layer writes to (their rows in every
+    ``o_proj`` / ``down_proj`` are zeroed, so the residual stream carries them unchanged):
+
+    * backbone dim 0 is constant (every text and audio row has it), and ``lm_head`` reads it
+      only for code 0: codebook 0 is 0 with probability ~1/4 at every frame (``end_bias``);
+    * backbone dim 1 flags code 0 in the audio embeddings; the projection copies it into the
+      depth decoder's dim 0 and ``codebooks_head`` reads it only for code 0, so after a 0 the
+      next codebook is almost surely 0 too (``chain_bias``), and a frame starting with 0 is
+      usually the end frame. The backbone's final norm drops dim 1, so codebook 1 does not
+      see it through the backbone state.
+
+    Other codes stay random. With the defaults the official loop ends turns after a median
+    of ~4-5 frames (0 to ~20 over 30 seeds of a 20-token prompt).
+    """
+    vocab = model.config.vocab_size
+    backbone, depth = model.backbone_model, model.depth_decoder
+    audio = backbone.embed_tokens.embed_audio_tokens.weight  # (32 * vocab, d): row = codebook * vocab + code
+    with torch.no_grad():
+        model.embed_text_tokens.weight[:, 0] = 4.0
+        audio[:, 0] = 4.0 / 32  # an audio row sums 32 embeddings
+        audio[:, 1] = 0.0
+        audio[::vocab, 1] = 4.0
+        for layer in list(backbone.layers) + list(depth.model.layers):
+            layer.self_attn.o_proj.weight[:2] = 0.0
+            layer.mlp.down_proj.weight[:2] = 0.0
+        backbone.norm.weight[:2] = torch.tensor([1.0, 0.0])
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[0, 0] = end_bias
+        projection = depth.model.inputs_embeds_projector.weight
+        projection[0] = 0.0
+        projection[0, 1] = 1.0
+        depth.model.norm.weight[0] = 1.0
+        head = depth.codebooks_head.weight  # (31, hidden, vocab)
+        head[:, 0, :] = 0.0
+        head[:, 0, 0] = chain_bias
 
 
 def write_tokenizer(path: Path) -> Path:
@@ -101,10 +156,15 @@ def write_tokenizer(path: Path) -> Path:
     return path
 
 
-def write_model_dir(path: Path, seed: int = 0):
-    """Write the tiny model directory (transformers layout + tokenizer.json); return the torch model."""
+def write_model_dir(path: Path, seed: int = 0, *, turns_end: bool = False):
+    """Write the tiny model directory (transformers layout + tokenizer.json); return the torch model.
+
+    ``turns_end``: apply :func:`make_turns_end_` first (a model whose turns end by the end frame).
+    """
     path.mkdir(parents=True, exist_ok=True)
     model = build_tiny_csm(seed)
+    if turns_end:
+        make_turns_end_(model)
     model.save_pretrained(path)
     write_tokenizer(path / "tokenizer.json")
     return model
