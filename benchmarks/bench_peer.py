@@ -8,9 +8,11 @@ per 80 ms of audio, batch 1, after a 200-row prompt:
 
 * mlx-audio: ``SesameModel.generate_frame`` with its own sampler (``make_sampler(temp=0.9,
   top_k=50)``), its caches set up once (``setup_caches``);
-* csm-mlx: ``CSM.generate_frame`` with ``sample_topk`` (top-k 50, temperature 0.9).
+* csm-mlx: the compiled frame its generation loop runs (``CSM.compiled_frame``: backbone step,
+  32 samplings with ``sample_topk``'s arithmetic, depth decoder; top-k 50, temperature 0.9), and
+  "csm-mlx eager", ``CSM.generate_frame`` op by op (the path a custom Python sampler takes).
 
-Frames alternate between the two (``--frames`` rounds after warm-up) so that machine drift hits
+Frames alternate between the three (``--frames`` rounds after warm-up) so that machine drift hits
 both; the table gives the median and fastest ms/frame and the ratio csm-mlx / mlx-audio (< 1:
 csm-mlx is faster). ``--json PATH`` also writes the numbers.
 
@@ -77,35 +79,55 @@ def load_peer(folder: Path, ours, dtype: str):
     return peer
 
 
-def frame_loops(ours, peer):
-    """Two zero-argument callables, each producing (and evaluating) one more frame of its model."""
+def frame_loops(ours, peer) -> dict:
+    """Zero-argument callables, each producing (and evaluating) one more frame of its model.
+
+    ``csm-mlx``: the compiled frame generation runs (``CSM.compiled_frame``, noise drawn per frame
+    as ``generate_frames`` draws it); ``csm-mlx eager``: ``CSM.generate_frame`` op by op with a
+    ``sample_topk`` sampler (the path custom samplers take); ``mlx-audio``: its own frame.
+    """
     from mlx_audio.lm.sample_utils import make_sampler
 
+    from csm.generation.frames import FrameSamplers
     from csm.sampling import sample_topk
 
     tokens, mask = (mx.array(a) for a in prompt())
     row_mask = mx.array(np.r_[np.ones(32, bool), False][None, None])
-    our_sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
+    samplers = FrameSamplers(temperature=TEMPERATURE, topk=TOPK, key=mx.random.key(0))
+    compiled = ours.compiled_frame(samplers.draw)
+    vocab = ours.args.audio_vocab_size
+
+    def our_frame(rows, cache):
+        return compiled(*rows, cache, samplers.frame_noise(1, vocab, compiled.noise_dtype()))
+
+    eager_sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
     peer_sampler = make_sampler(temp=TEMPERATURE, top_k=TOPK)
-    cache = ours.make_cache(1)
-    state = {"ours": ours.generate_frame(tokens, mask, cache, our_sampler),
-             "peer": peer.generate_frame(tokens, mask, mx.arange(PROMPT_LEN)[None], peer_sampler)}
-    mx.eval(state["ours"], state["peer"])
+    caches = {"csm-mlx": ours.make_cache(1), "csm-mlx eager": ours.make_cache(1)}
+    state = {"csm-mlx": our_frame((tokens, mask), caches["csm-mlx"]),
+             "csm-mlx eager": ours.generate_frame(tokens, mask, caches["csm-mlx eager"], eager_sampler),
+             "mlx-audio": peer.generate_frame(tokens, mask, mx.arange(PROMPT_LEN)[None], peer_sampler)}
+    mx.eval(*state.values())
     position = [PROMPT_LEN]
 
     def row(codes):
         return mx.concatenate([codes.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
 
     def ours_frame():
-        state["ours"] = ours.generate_frame(row(state["ours"]), row_mask, cache, our_sampler)
-        mx.eval(state["ours"])
+        state["csm-mlx"] = our_frame((row(state["csm-mlx"]), row_mask), caches["csm-mlx"])
+        mx.eval(state["csm-mlx"])
+
+    def eager_frame():
+        name = "csm-mlx eager"
+        state[name] = ours.generate_frame(row(state[name]), row_mask, caches[name], eager_sampler)
+        mx.eval(state[name])
 
     def peer_frame():
-        state["peer"] = peer.generate_frame(row(state["peer"]), row_mask, mx.array([[position[0]]]), peer_sampler)
-        mx.eval(state["peer"])
+        state["mlx-audio"] = peer.generate_frame(row(state["mlx-audio"]), row_mask, mx.array([[position[0]]]),
+                                                 peer_sampler)
+        mx.eval(state["mlx-audio"])
         position[0] += 1
 
-    return ours_frame, peer_frame
+    return {"csm-mlx": ours_frame, "csm-mlx eager": eager_frame, "mlx-audio": peer_frame}
 
 
 def main(argv=None) -> int:
@@ -129,7 +151,7 @@ def main(argv=None) -> int:
     folder = write_random_checkpoint(args.weights or Path(tempfile.gettempdir()) / f"csm-bench-{args.size}", args.size)
     ours = load_csm(folder, dtype=args.dtype)
     peer = load_peer(folder, ours, args.dtype)
-    loops = dict(zip(("csm-mlx", "mlx-audio"), frame_loops(ours, peer)))
+    loops = frame_loops(ours, peer)
     times = {name: [] for name in loops}
     for index in range(args.warmup + args.frames):
         for name, step in loops.items():
@@ -147,9 +169,9 @@ def main(argv=None) -> int:
     result["ratio_csm_mlx_over_mlx_audio"] = ms["csm-mlx"]["median"] / ms["mlx-audio"]["median"]
     print(f"CSM {args.size} random weights, {args.dtype}, batch 1, prompt {PROMPT_LEN} rows, {args.frames} alternating "
           f"frames each; {result['device']} ({result['machine']}), mlx {result['mlx']}, mlx-audio {result['mlx_audio']}")
-    print(f"{'model':<12} {'median ms/frame':>16} {'fastest ms/frame':>17}")
+    print(f"{'model':<14} {'median ms/frame':>16} {'fastest ms/frame':>17}")
     for name, r in ms.items():
-        print(f"{name:<12} {r['median']:>16.1f} {r['min']:>17.1f}")
+        print(f"{name:<14} {r['median']:>16.1f} {r['min']:>17.1f}")
     print(f"csm-mlx / mlx-audio (median): {result['ratio_csm_mlx_over_mlx_audio']:.2f}  (< 1: csm-mlx is faster)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

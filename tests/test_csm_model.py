@@ -25,8 +25,9 @@ BF16_PROMPT = 600
 BF16_MEAN_REL_ERR = 0.02
 BF16_MAX_ABS_ERR = 0.12
 #: Left-padded batch rows vs the same rows alone (same maths, other RoPE absolute offsets): measured
-#: 0.0 on the 2-core x86 CPU VM; other backends may round a batch of 2 differently from 1 row.
-PADDING_ATOL = 1e-6
+#: 1.4e-6 on the 2-core x86 CPU VM (the residual adds run inside the matmul, ``mx.addmm``, whose
+#: kernel for 2 rows accumulates in another order than for 1 row; 0.0 before that).
+PADDING_ATOL = 1e-5
 FRAMES = 3
 GREEDY_FRAMES = 12
 

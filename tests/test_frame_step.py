@@ -70,12 +70,17 @@ def test_compiled_frames_equal_torch_with_shared_noise(hf, model, temperature, t
     assert cache.offset == 9 + FRAMES - 1
 
 
-def test_compiled_frame_equals_op_by_op_frame_left_padded(model):
-    """A left-padded batch: the compiled frame gives the codes of ``generate_frame`` + ``sample_topk``."""
-    long_t, long_m = random_prompt(1, 10, seed=5)
+@pytest.mark.parametrize("length", [10, 253])
+def test_compiled_frame_equals_op_by_op_frame_left_padded(model, length):
+    """A left-padded batch: the compiled frame gives the codes of ``generate_frame`` + ``sample_topk``.
+
+    From 253 rows the frames cross the first 256-position attention span (a new trace).
+    """
+    long_t, long_m = random_prompt(1, length, seed=5)
     short_t, short_m = random_prompt(1, 6, seed=6)
-    tokens = np.concatenate([long_t, np.pad(short_t, ((0, 0), (4, 0), (0, 0)))])
-    mask = np.concatenate([long_m, np.pad(short_m, ((0, 0), (4, 0), (0, 0)))])
+    pad = length - 6
+    tokens = np.concatenate([long_t, np.pad(short_t, ((0, 0), (pad, 0), (0, 0)))])
+    mask = np.concatenate([long_m, np.pad(short_m, ((0, 0), (pad, 0), (0, 0)))])
     frame = model.compiled_frame(Draw(topk=20, temperature=0.8))
     caches = model.make_cache(2), model.make_cache(2)
     rows = [(mx.array(tokens), mx.array(mask))] * 2

@@ -52,16 +52,17 @@ class StepKV:
 
     Used inside the compiled frame step, where the write position cannot be a Python int (that
     would recompile every frame): keys/values go in by ``mx.slice_update`` at ``offset`` and
-    attention reads the whole buffer, masking the positions not written yet.
+    attention reads the first ``span`` positions, masking those not written yet.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array):
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, span: int):
         self.keys, self.values, self.offset = keys, values, offset  # offset: (1,) int32
+        self.span = span  # positions returned to attention (> offset)
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         self.keys = mx.slice_update(self.keys, keys, self.offset, axes=(2,))
         self.values = mx.slice_update(self.values, values, self.offset, axes=(2,))
-        return self.keys, self.values
+        return self.keys[:, :, : self.span], self.values[:, :, : self.span]
 
 
 @dataclass

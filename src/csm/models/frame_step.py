@@ -9,18 +9,29 @@ replays the graph without Python in the loop. Tokens are those of ``generate_fra
 
 To trace once, nothing may change shape or be a Python number from frame to frame: the backbone
 writes its new keys at a position held in a device array (:class:`.cache.StepKV`) and attends
-over its whole preallocated cache, masked up to that position. The prompt (any length) still
+over the first ``span`` positions of its preallocated cache (a multiple of 256: one trace per 256
+frames, not one per frame), masked beyond that position. The prompt (any length) still
 runs the backbone eagerly; its frame's depth decoder is the compiled half.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import mlx.core as mx
 
 from ..sampling import check_sampling_args, sample_topk
 from .cache import FrameCache, StepKV
+
+#: Attention spans grow in steps of this many positions: one trace per step, not per frame.
+SPAN_STEP = 256
+
+
+def _span(length: int, max_len: int) -> int:
+    """The cached positions a step attends over: ``length`` rounded up to :data:`SPAN_STEP`."""
+    return min(max_len, -(-length // SPAN_STEP) * SPAN_STEP)
 
 
 @dataclass(frozen=True)
@@ -53,7 +64,7 @@ class CompiledFrame:
         # The weights are compile inputs (read at every call), so swapping them — quantizing,
         # loading adapters — never leaves a stale trace behind.
         self._decode = mx.compile(self._decode_codes, inputs=model.state)
-        self._step = mx.compile(self._backbone_step, inputs=model.state)
+        self._steps: dict[int, Callable] = {}  # one trace per attention span (see _span)
 
     def noise_dtype(self) -> mx.Dtype:
         """The dtype the sampler draws its noise in (that of the logits for ``precision="reference"``)."""
@@ -67,11 +78,18 @@ class CompiledFrame:
         layers = cache.backbone
         offset = mx.array([cache.offset], dtype=mx.int32)
         keys, values = [c.keys for c in layers], [c.values for c in layers]
-        codes, keys, values = self._step(tokens, mask, offset, cache.start, keys, values, *extra)
+        codes, keys, values = self._compiled_step(_span(cache.offset + 1, layers[0].max_len))(
+            tokens, mask, offset, cache.start, keys, values, *extra
+        )
         for layer_cache, k, v in zip(layers, keys, values):
             layer_cache.keys, layer_cache.values = k, v
             layer_cache.offset += 1
         return codes
+
+    def _compiled_step(self, span: int) -> Callable:
+        if span not in self._steps:
+            self._steps[span] = mx.compile(partial(self._backbone_step, span=span), inputs=self.model.state)
+        return self._steps[span]
 
     def _sampler(self, noise: mx.array | None):
         d = self.draw
@@ -89,13 +107,15 @@ class CompiledFrame:
         cache = FrameCache([], model.decoder.make_cache(last_h.shape[0], model.args.audio_num_codebooks, model.dtype), None)
         return model.decode_codebooks(last_h, c0, cache, sample)
 
-    def _backbone_step(self, tokens, mask, offset, start, keys, values, noise=None):  # noqa: ANN001
-        """One frame row ``(B, 1, 33)`` through the backbone at position ``offset`` (an array), then decode."""
-        max_len = keys[0].shape[2]
-        slots = [StepKV(k, v, offset) for k, v in zip(keys, values)]
+    def _backbone_step(self, tokens, mask, offset, start, keys, values, noise=None, *, span: int):  # noqa: ANN001
+        """One frame row ``(B, 1, 33)`` through the backbone at position ``offset`` (an array), then decode.
+
+        Attention reads the first ``span`` cached positions (>= offset + 1), masked beyond ``offset``.
+        """
+        slots = [StepKV(k, v, offset, span) for k, v in zip(keys, values)]
         positions = offset - start  # (B,) RoPE position of the row
-        cached = mx.arange(max_len)
-        visible = (cached[None] >= start[:, None]) & (cached[None] <= offset)  # (B, max_len)
+        cached = mx.arange(span)
+        visible = (cached[None] >= start[:, None]) & (cached[None] <= offset)  # (B, span)
         h = self.model.embed_frames(tokens, mask)
         h = self.model.backbone(h, slots, visible[:, None, None, :], positions)[:, -1]
         codes = self._decode_codes(h, noise)
