@@ -8,7 +8,8 @@ to ``--weights``) and runs in its own subprocess (its own peak memory), one afte
 * ``torch-static``: static KV caches and fixed shapes (``torch_static.py``), eager;
 * ``torch-compiled``: the same under ``torch.compile(mode=--torch-compile)`` — on CUDA
   ``reduce-overhead`` (CUDA graphs, as csm-streaming runs), the fastest PyTorch frame people use;
-* ``mlx`` (and ``mlx-q8`` / ``mlx-q4`` with ``--quantized``): ``CSM.generate_frame``.
+* ``mlx`` (and ``mlx-q8`` / ``mlx-q4`` with ``--quantized``): the compiled frame generation runs
+  (``CSM.compiled_frame``; same tokens as ``CSM.generate_frame`` with ``sample_topk``).
 
 Measured: prefill of a 200-row prompt (backbone + codebook-0 head), ms per frame (backbone step +
 31 depth-decoder steps + top-k 50 / temperature 0.9 sampling of all 32 codebooks; the fastest of
@@ -82,10 +83,16 @@ def mlx_frames(model, batch: int, frames: int) -> tuple[float, float]:
     """(prefill seconds, fastest frame seconds) at batch size ``batch``."""
     import mlx.core as mx
 
-    from csm.sampling import sample_topk
+    from csm.generation.frames import FrameSamplers
 
     tokens, mask = (mx.array(a) for a in prompt(batch))
-    sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
+    # The compiled frame generation runs, its noise drawn per frame as generate_frames draws it.
+    samplers = FrameSamplers(temperature=TEMPERATURE, topk=TOPK, key=mx.random.key(0))
+    compiled = model.compiled_frame(samplers.draw)
+    vocab = model.args.audio_vocab_size
+
+    def generate_frame(rows_tokens, rows_mask, cache):
+        return compiled(rows_tokens, rows_mask, cache, samplers.frame_noise(batch, vocab, compiled.noise_dtype()))
 
     def prefill():
         mx.eval(model.codebook0_head(model.forward_backbone(tokens, mask, model.make_cache(batch))[:, -1]))
@@ -93,14 +100,14 @@ def mlx_frames(model, batch: int, frames: int) -> tuple[float, float]:
     prefill()  # warm-up
     prefill_s = timed(prefill)
     cache = model.make_cache(batch)
-    codes = model.generate_frame(tokens, mask, cache, sampler)
+    codes = generate_frame(tokens, mask, cache)
     mx.eval(codes)
     row_mask = mx.array(np.tile(np.r_[np.ones(32, bool), False], (batch, 1, 1)))
 
     def frame():
         nonlocal codes
         row = mx.concatenate([codes, mx.zeros((batch, 1), mx.int32)], axis=1)[:, None]
-        codes = model.generate_frame(row, row_mask, cache, sampler)
+        codes = generate_frame(row, row_mask, cache)
         mx.eval(codes)
 
     frame()  # warm-up
