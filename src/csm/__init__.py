@@ -10,7 +10,6 @@ Quick use::
 from __future__ import annotations
 
 import os
-import sys
 
 # Full float32 matmuls unless the user chose otherwise: MLX's CUDA backend (and Metal's
 # neural-accelerator path on M5) otherwise runs float32 matmuls at TF32 precision, which
@@ -18,11 +17,6 @@ import sys
 # bfloat16 (the default dtype) is unaffected. Set MLX_ENABLE_TF32=1 before importing csm to
 # trade float32 precision for speed.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
-# MLX's CUDA backend launches work as CUDA graphs of MLX_MAX_OPS_PER_BUFFER kernels (default 20).
-# A CSM frame is ~2,300 kernels: graphs of 240 ran a frame ~1.7x faster on an H200
-# (docs/model.md, "Speed"). Linux only (Metal's setting is its own, unmeasured); the user's wins.
-if sys.platform == "linux":
-    os.environ.setdefault("MLX_MAX_OPS_PER_BUFFER", "240")
 
 # Linux CPU: the mlx[cpu] wheel's bundled reference BLAS runs float32 GEMM ~50x slower than an
 # installed OpenBLAS; load that globally before mlx.core is imported so MLX's matmuls use it
