@@ -40,10 +40,10 @@ class Reference:
         tokens, mask = official_prompt(self.tokenizer, context, text, speaker)
         return official_generate(self.model, tokens, mask, max_frames=max_frames, seed=seed, **SAMPLING)
 
-    def conversation(self, turns, seed: int, *, max_frames: int, context=()) -> list[np.ndarray]:
+    def conversation(self, turns, seed: int, *, max_frames: int) -> list[np.ndarray]:
         """Each turn with the earlier turns' codes as context, one torch noise stream for all."""
         torch.manual_seed(seed)
-        history, codes = list(context), []
+        history, codes = [], []
         for turn in turns:
             codes.append(self.turn(history, turn.speaker, turn.text, max_frames=max_frames, seed=None))
             history.append((turn.speaker, turn.text, codes[-1]))
