@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ NUM_CODEBOOKS = 32
 # torchtune llama3_2: rope_base 500_000, Llama3ScaledRoPE defaults with scale_factor=32 (§1.2, §1.3).
 ROPE_BASE = 500_000.0
 ROPE_SCALE, ROPE_LOW, ROPE_HIGH, ROPE_OLD_CONTEXT = 32.0, 1.0, 4.0, 8192
+Rows = np.ndarray | torch.Tensor  # prompt rows (S, 33)
 
 
 # -- prompt (generator.py) -------------------------------------------------------------------
@@ -59,7 +61,7 @@ def tokenize_text_segment(tokenizer: Tokenizer, text: str, speaker: int) -> tupl
     return frame, frame_mask
 
 
-def tokenize_audio(codes) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+def tokenize_audio(codes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """``_tokenize_audio`` after Mimi: codes ``(32, T)`` + an all-zero end frame, one row per frame."""
     codes = torch.as_tensor(np.ascontiguousarray(codes)).long()
     codes = torch.cat([codes, torch.zeros(codes.size(0), 1).long()], dim=1)
@@ -70,7 +72,9 @@ def tokenize_audio(codes) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
     return frame, frame_mask
 
 
-def official_prompt(tokenizer: Tokenizer, context, text: str, speaker: int) -> tuple[np.ndarray, np.ndarray]:  # noqa: ANN001
+def official_prompt(
+    tokenizer: Tokenizer, context: Sequence[tuple[int, str, np.ndarray]], text: str, speaker: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``Generator.generate``'s prompt: each context ``(speaker, text, codes)`` as text rows then
     audio rows, in order, then the text rows of what to say; ``(S, 33)`` int64 and bool."""
     tokens, masks = [], []
@@ -212,7 +216,10 @@ class OfficialCSM:
         audio = F.embedding(audio_ids.view(-1), self.audio_embeddings).reshape(*tokens.shape[:2], NUM_CODEBOOKS, -1)
         return (torch.cat([audio, text], dim=-2) * mask.unsqueeze(-1)).sum(dim=2)
 
-    def generate_frame(self, tokens, mask, positions, cache, topk: int, temperature: float) -> torch.Tensor:  # noqa: ANN001
+    def generate_frame(
+        self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: list, topk: int,
+        temperature: float,
+    ) -> torch.Tensor:
         """``Model.generate_frame``: ``(1, 32)`` codes of the next frame (draws 32 noise rows)."""
         h = self.backbone(self.embed_tokens(tokens, mask), positions, cache).to(self.dtype)
         last_h = h[:, -1, :]
@@ -242,7 +249,9 @@ def _one_thread():
 
 
 @torch.no_grad()
-def official_generate(model, tokens, mask, *, max_frames: int, topk: int, temperature: float, seed: int | None):  # noqa: ANN001
+def official_generate(
+    model, tokens: Rows, mask: Rows, *, max_frames: int, topk: int, temperature: float, seed: int | None  # noqa: ANN001
+) -> np.ndarray:
     """The official frame loop (``Generator.generate``) after ``torch.manual_seed(seed)``; codes ``(32, T)``.
 
     Args:
@@ -259,7 +268,10 @@ def official_generate(model, tokens, mask, *, max_frames: int, topk: int, temper
         return _frame_loop(model, tokens, mask, max_frames, topk, temperature)
 
 
-def _frame_loop(model: OfficialCSM, tokens, mask, max_frames: int, topk: int, temperature: float) -> np.ndarray:  # noqa: ANN001
+def _frame_loop(
+    model: OfficialCSM, tokens: Rows, mask: Rows, max_frames: int, topk: int, temperature: float
+) -> np.ndarray:
+    """The loop of ``Generator.generate`` from the prompt rows (torch's global RNG as it stands)."""
     curr_tokens = torch.as_tensor(np.asarray(tokens)).long()[None]
     curr_mask = torch.as_tensor(np.asarray(mask)).bool()[None]
     curr_pos = torch.arange(curr_tokens.size(1))
