@@ -20,7 +20,7 @@ from transformers import MimiConfig, MimiModel
 from transformers.models.mimi.modeling_mimi import MimiConvTranspose1d
 
 from csm.codec import Mimi, MimiArgs, load_mimi, mimi_from_weights
-from csm.codec.conv import ConvState, ConvTranspose1d, StreamingConv1d, StreamingConvTranspose1d
+from csm.codec.conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from csm.codec.load import checkpoint_shapes, convtr_weight_to_mlx
 from csm.weights.io import WeightsError, torch_to_mlx
 
