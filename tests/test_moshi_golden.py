@@ -52,8 +52,14 @@ TINY_USAGE = 1e-7  # below moshi's 1e-5 clamp: makes the clamp matter for a few 
 
 # Names moshi's load hooks accept (StreamingMultiheadAttention._load_hook,
 # EuclideanCodebook._load_from_state_dict, moshi 0.2.13) -> the name state_dict() gives today.
-LEGACY_ATTENTION = {"self_attn.in_proj_weight": "self_attn.in_projs.0.weight", "self_attn.out_proj.weight": "self_attn.out_projs.0.weight"}  # fmt: skip
-OLDER_ATTENTION = {"self_attn.in_proj.weight": "self_attn.in_projs.0.weight", "self_attn.out_proj.weight": "self_attn.out_projs.0.weight"}  # fmt: skip
+LEGACY_ATTENTION = {
+    "self_attn.in_proj_weight": "self_attn.in_projs.0.weight",
+    "self_attn.out_proj.weight": "self_attn.out_projs.0.weight",
+}
+OLDER_ATTENTION = {
+    "self_attn.in_proj.weight": "self_attn.in_projs.0.weight",
+    "self_attn.out_proj.weight": "self_attn.out_projs.0.weight",
+}
 OLDER_CODEBOOK = {"inited": "_initialized", "cluster_size": "cluster_usage"}
 OLDER_EMBEDDING = ("embed_avg", "embed_sum")  # both old names of embedding_sum: alternate by layer
 
