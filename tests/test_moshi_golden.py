@@ -8,9 +8,10 @@ parameter that moshi initialises to a constant (LayerNorm, the 0.01 layer scales
 used; ``load_mimi`` reads each file and must match moshi's ``decode``, streaming decode (moshi's
 ``streaming`` context, frame by frame), ``encode`` and streaming encode.
 
-moshi pins torch<2.10 and numpy<2.3, which the test extra does not have; its Mimi code runs on
-them, so CI installs it without its dependencies:
-``pip install --no-deps "moshi==0.2.13" "einops>=0.8,<0.9" "sentencepiece>=0.2,<0.3"``.
+moshi 0.2.13 pins torch<2.10, numpy<2.3 and huggingface-hub<1.0, older than the test extra's;
+its Mimi code runs on the test extra's versions, so CI installs it after the test extra (which
+brings einops and sentencepiece, the two packages it imports that nothing else does) without
+its dependencies: ``pip install --no-deps "moshi==0.2.13"``. Without moshi this file is skipped.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from safetensors.torch import save_file
 os.environ.setdefault("NO_TORCH_COMPILE", "1")
 pytest.importorskip(
     "moshi.models.loaders",
-    reason='needs the moshi package: pip install --no-deps "moshi==0.2.13" einops sentencepiece',
+    reason='needs the moshi package: pip install -e ".[test]" && pip install --no-deps "moshi==0.2.13"',
 )
 from moshi.models import loaders  # noqa: E402
 from moshi.modules.transformer import set_attention_context  # noqa: E402
@@ -51,8 +52,14 @@ TINY_USAGE = 1e-7  # below moshi's 1e-5 clamp: makes the clamp matter for a few 
 
 # Names moshi's load hooks accept (StreamingMultiheadAttention._load_hook,
 # EuclideanCodebook._load_from_state_dict, moshi 0.2.13) -> the name state_dict() gives today.
-LEGACY_ATTENTION = {"self_attn.in_proj_weight": "self_attn.in_projs.0.weight", "self_attn.out_proj.weight": "self_attn.out_projs.0.weight"}  # fmt: skip
-OLDER_ATTENTION = {"self_attn.in_proj.weight": "self_attn.in_projs.0.weight", "self_attn.out_proj.weight": "self_attn.out_projs.0.weight"}  # fmt: skip
+LEGACY_ATTENTION = {
+    "self_attn.in_proj_weight": "self_attn.in_projs.0.weight",
+    "self_attn.out_proj.weight": "self_attn.out_projs.0.weight",
+}
+OLDER_ATTENTION = {
+    "self_attn.in_proj.weight": "self_attn.in_projs.0.weight",
+    "self_attn.out_proj.weight": "self_attn.out_projs.0.weight",
+}
 OLDER_CODEBOOK = {"inited": "_initialized", "cluster_size": "cluster_usage"}
 OLDER_EMBEDDING = ("embed_avg", "embed_sum")  # both old names of embedding_sum: alternate by layer
 
@@ -224,8 +231,8 @@ def test_sliding_window_matches_moshi_context(short_context, mx_state, codes, pc
     would take 125 frames to cross; 3 frames cross 3 steps).
 
     Past the window, moshi's streaming differs from its own one-shot decode (8.9e-2 here): its
-    250-slot ring cache is written with both steps of a frame before the first one attends, so
-    that step loses its oldest key. The official CSM decodes one-shot; ours streams to the
+    ring cache of ``context`` slots is written with both steps of a frame before the first one
+    attends, so that step loses its oldest key. The official CSM decodes one-shot; ours streams to the
     one-shot result, so both of ours are held to moshi's one-shot decode."""
     ours = mimi_from_weights(mx_state, MimiArgs(sliding_window=SHORT_CONTEXT))
     with torch.no_grad():

@@ -1,8 +1,11 @@
-"""Key maps for Mimi checkpoints: the original kyutai file and transformers' ``MimiModel``.
+"""Key maps for Mimi checkpoints: the ``moshi`` package's ``MimiModel`` (the released kyutai file
+and every other naming moshi's load hooks accept) and transformers' ``MimiModel``.
 
 Every layout is brought to transformers' flat ``save_pretrained`` naming (the ``kyutai/mimi``
 repository's), still in PyTorch tensor layout; ``csm.codec.load`` takes it from there.
-Sources: shared/spec/mimi.md §5 (transformers' ``convert_mimi_checkpoint_to_pytorch.py``).
+Sources: shared/spec/mimi.md §5 (transformers' ``convert_mimi_checkpoint_to_pytorch.py``),
+moshi 0.2.13's ``modules/transformer.py`` and ``quantization/core_vq.py`` (load hooks).
+Checked against moshi itself by ``tests/test_moshi_golden.py``.
 """
 
 from __future__ import annotations
