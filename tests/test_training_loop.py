@@ -122,3 +122,17 @@ def test_sigterm_saves_and_resume_equals_uninterrupted(tmp_path):
     assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
     assert [r["val_loss"] for r in resumed.metrics] == [r["val_loss"] for r in full.metrics]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
+    """2 micro-batches of 1 == 1 batch of 2 (same samples: equal lengths, decoder on every frame)."""
+    results = []
+    for batch_size, accum in [(2, 1), (1, 2)]:
+        model = tiny_model()
+        config = TrainConfig(steps=2, batch_size=batch_size, grad_accum=accum, decoder_fraction=1.0, save_every=0)
+        row = Trainer(model, utterances(), [], config, tmp_path).train_step()
+        results.append((row, {k: np.array(v) for k, v in tree_flatten(model.parameters())}))
+    (row_a, a), (row_b, b) = results
+    assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-6)
+    assert row_a["grad_norm"] == pytest.approx(row_b["grad_norm"], rel=1e-5)
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-6
