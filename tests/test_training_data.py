@@ -110,6 +110,10 @@ def test_encoding_is_cached_and_samples_follow_the_prompt_layout(folder, tmp_pat
     assert np.array_equal(third.mask, np.concatenate([prompt_mask, turn_mask]))
     assert np.flatnonzero(third.targets).tolist() == list(range(len(prompt), len(prompt) + len(turn)))
 
+    trimmed, stats = build_samples(good, codes, tokenizer, context_turns=2, max_len=len(third.tokens) - 1)
+    kept = trimmed[2].tokens  # the oldest turn went, the newest context turn stayed
+    assert len(kept) < len(third.tokens) and np.array_equal(kept, third.tokens[-len(kept) :])
+
     with caplog.at_level(logging.INFO):
         limit = len(samples[0].tokens) + 3  # room for one turn, never for two
         short, stats = build_samples(good, codes, tokenizer, context_turns=2, max_len=limit)
