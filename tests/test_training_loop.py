@@ -136,3 +136,11 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-6)
     assert row_a["grad_norm"] == pytest.approx(row_b["grad_norm"], rel=1e-5)
     assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-6
+
+
+def test_validation_runs_without_dropout(tmp_path):
+    model, data = tiny_model(), utterances()
+    apply_lora(model, LoRAConfig(rank=4, dropout=0.5))
+    trainer = Trainer(model, data, data, TrainConfig(steps=1, save_every=0), tmp_path)
+    trainer.train_step()  # lora_b moves off zero, so dropout would change the output
+    assert trainer.validate() == trainer.validate() and model.training

@@ -71,5 +71,6 @@ def load_adapters(model: nn.Module, adapter_dir: str | Path) -> nn.Module:
         diff = sorted(set(expected) ^ set(got)) or [k for k in expected if expected[k] != got[k]]
         raise ValueError(f"adapters in {adapter_dir} do not fit this model: {diff[:3]}")
     model.load_weights(list(weights.items()), strict=False)
+    model.eval()
     mx.eval(model.parameters())
     return model

@@ -153,9 +153,13 @@ class Trainer:
         if not self.val:
             return None
         losses, bs = [], self.config.batch_size
-        for i in range(0, len(self.val), bs):
-            batch = collate(self.val[i : i + bs], 1.0, np.random.default_rng(0))
-            losses.append(csm_loss(self.model, batch)[0].item())
+        self.model.eval()  # no dropout
+        try:
+            for i in range(0, len(self.val), bs):
+                batch = collate(self.val[i : i + bs], 1.0, np.random.default_rng(0))
+                losses.append(csm_loss(self.model, batch)[0].item())
+        finally:
+            self.model.train()
         return float(np.mean(losses))
 
     # --- the loop -------------------------------------------------------------------------
