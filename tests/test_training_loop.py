@@ -144,3 +144,21 @@ def test_validation_runs_without_dropout(tmp_path):
     trainer = Trainer(model, data, data, TrainConfig(steps=1, save_every=0), tmp_path)
     trainer.train_step()  # lora_b moves off zero, so dropout would change the output
     assert trainer.validate() == trainer.validate() and model.training
+
+
+def test_lora_on_a_quantized_base_trains_and_fuses():
+    model = tiny_model()
+    nn.quantize(model, group_size=32, bits=8, class_predicate=lambda p, m: isinstance(m, nn.Linear) and "layers" in p)
+    paths = apply_lora(model, LoRAConfig(rank=4, targets=["backbone.layers.*"]))
+    assert paths and all(isinstance(dict(model.named_modules())[p].linear, nn.QuantizedLinear) for p in paths)
+    trainer = Trainer(model, utterances(), [], TrainConfig(steps=3, learning_rate=1e-2, save_every=0), "/tmp/unused")
+    for _ in range(3):
+        trainer.train_step()
+    batch = collate(utterances(), 1.0, np.random.default_rng(0))
+    before = np.array(model.backbone(model.embed_frames(batch.tokens, batch.mask), None, "causal", 0))
+    from csm.training.lora import fuse_lora
+
+    assert fuse_lora(model) == len(paths)
+    assert all(isinstance(dict(model.named_modules())[p], nn.QuantizedLinear) for p in paths)
+    after = np.array(model.backbone(model.embed_frames(batch.tokens, batch.mask), None, "causal", 0))
+    assert np.abs(after - before).max() < 0.05 * np.abs(before).max()  # re-quantization error only

@@ -67,19 +67,17 @@ class LoRALinear(nn.Module):
     def fused(self) -> nn.Module:
         """The wrapped layer with ``scale * (A B)^T`` added to its weight (re-quantized if it was)."""
         linear = self.linear
-        delta = (self.scale * (self.lora_a @ self.lora_b)).T  # (out, in)
-        if isinstance(linear, nn.QuantizedLinear):
+        quantized = isinstance(linear, nn.QuantizedLinear)
+        if quantized:
             weight = mx.dequantize(linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits)
-            fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in linear)
-            fused.weight = (weight + delta).astype(weight.dtype)
-            if "bias" in linear:
-                fused.bias = linear.bias
-            return nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits)
-        fused = nn.Linear(linear.weight.shape[1], linear.weight.shape[0], bias="bias" in linear)
-        fused.weight = (linear.weight + delta).astype(linear.weight.dtype)
+        else:
+            weight = linear.weight
+        delta = (self.scale * (self.lora_a @ self.lora_b)).T  # (out, in)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in linear)
+        fused.weight = (weight + delta).astype(weight.dtype)
         if "bias" in linear:
             fused.bias = linear.bias
-        return fused
+        return nn.QuantizedLinear.from_linear(fused, linear.group_size, linear.bits) if quantized else fused
 
 
 def _linear_shape(linear: nn.Module) -> tuple[int, int]:
