@@ -24,6 +24,7 @@ import time
 def _one(mode: str, dtype: str, steps: int, batch_size: int, rows: int) -> dict:
     import mlx.core as mx
     import numpy as np
+    from mlx.utils import tree_flatten
 
     from csm.models.csm import CSM, CSMArgs
     from csm.training.batching import Sample
@@ -55,7 +56,7 @@ def _one(mode: str, dtype: str, steps: int, batch_size: int, rows: int) -> dict:
         start = time.process_time()
         times.append(trainer.train_step()["step_seconds"])
         cpu.append(time.process_time() - start)  # all threads: honest on a shared, oversubscribed machine
-    trainable = sum(v.size for _, v in __import__("mlx.utils").utils.tree_flatten(model.trainable_parameters()))
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
     steady = times[1:] or times
     return {
         "mode": mode, "dtype": dtype, "batch": batch_size, "rows": rows, "trainable_M": trainable / 1e6,

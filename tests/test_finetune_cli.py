@@ -81,3 +81,13 @@ def test_bad_input_is_one_error(trained, tmp_path, capsys):
     assert fuse_cli.main([str(tmp_path), str(tmp_path / "y"), "--model", str(model_dir)]) == 1
     assert "not an adapter folder" in capsys.readouterr().err
     assert not (tmp_path / "y").exists()
+
+
+def test_full_finetune_writes_a_loadable_model_folder(trained, tmp_path):
+    model_dir, data, _, _ = trained
+    out = tmp_path / "full"
+    assert finetune_cli.main([str(data), "--output", str(out), "--model", str(model_dir), "--speaker", "0", "--full",
+                              "--steps", "2", "--lr", "1e-3", "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert {p.name for p in out.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "codec.safetensors"}
+    tuned, base = csm.load(out, dtype="float32").model, csm.load(model_dir, dtype="float32").model
+    assert not np.array_equal(np.array(tuned.codebook0_head.weight), np.array(base.codebook0_head.weight))
