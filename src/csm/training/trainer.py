@@ -235,6 +235,9 @@ class Trainer:
         self.model.load_weights(list(trained.items()), strict=False)
         self.optimizer.state = tree_unflatten(list(mx.load(str(path / "optimizer.safetensors")).items()))
         self.step = int(state["step"])
+        changed = sorted(k for k, v in asdict(self.config).items() if state["config"].get(k) != v)
+        if changed:
+            logger.warning("resuming with other settings (%s): the run will not repeat the original", ", ".join(changed))
         self.metrics = [_parse(r) for r in read_metrics(self.out_dir / METRICS_CSV) if int(r["step"]) <= self.step]
         mx.eval(self.model.parameters(), self.optimizer.state)
         logger.info("resumed from %s (step %d)", path, self.step)
