@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
@@ -36,14 +37,20 @@ def trained(tmp_path_factory):
     (data / "bad.txt").write_text("Broken clip.")
     args = [str(data), "--output", str(out), "--model", str(model_dir), "--speaker", "0", "--steps", "12",
             "--lr", "1e-2", "--rank", "4", "--save-every", "5", "--decoder-fraction", "0.5", "--val-fraction", "0.34"]
-    return model_dir, data, out, args
+    log = io.StringIO()  # the run happens here, so every test (on any xdist worker) has its outputs
+    handler = logging.StreamHandler(log)
+    logging.getLogger("csm").addHandler(handler)
+    try:
+        status = finetune_cli.main(args)
+    finally:
+        logging.getLogger("csm").removeHandler(handler)
+    return model_dir, data, out, status, log.getvalue()
 
 
-def test_finetune_writes_adapters_metrics_and_reports_bad_clips(trained, caplog):
-    model_dir, _, out, args = trained
-    with caplog.at_level(logging.INFO):
-        assert finetune_cli.main(args) == 0
-    assert "skipped bad.wav: unreadable audio" in caplog.text
+def test_finetune_writes_adapters_metrics_and_reports_bad_clips(trained):
+    model_dir, _, out, status, log = trained
+    assert status == 0
+    assert "skipped bad.wav: unreadable audio" in log
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["lora"]["rank"] == 4 and config["base_model"] == str(model_dir)
     assert (out / "adapters.safetensors").is_file() and (out / "loss.png").is_file()
@@ -54,9 +61,7 @@ def test_finetune_writes_adapters_metrics_and_reports_bad_clips(trained, caplog)
 
 
 def test_fused_model_generates_what_model_plus_adapter_generates(trained, tmp_path):
-    model_dir, _, out, _ = trained
-    if not (out / "adapters.safetensors").is_file():
-        pytest.skip("needs the finetune test's output")
+    model_dir, _, out, _, _ = trained
     fused = tmp_path / "fused"
     assert fuse_cli.main([str(out), str(fused), "--model", str(model_dir), "--dtype", "float32"]) == 0
     assert {p.name for p in fused.iterdir()} >= {"model.safetensors", "config.json", "tokenizer.json", "codec.safetensors"}
@@ -75,7 +80,7 @@ def test_fused_model_generates_what_model_plus_adapter_generates(trained, tmp_pa
 
 
 def test_bad_input_is_one_error(trained, tmp_path, capsys):
-    model_dir, data, _, _ = trained
+    model_dir, data, _, _, _ = trained
     assert finetune_cli.main([str(data / "clip0.txt"), "--output", str(tmp_path / "x"), "--model", str(model_dir)]) == 1
     assert "folder of .wav" in capsys.readouterr().err
     assert fuse_cli.main([str(tmp_path), str(tmp_path / "y"), "--model", str(model_dir)]) == 1
@@ -84,7 +89,7 @@ def test_bad_input_is_one_error(trained, tmp_path, capsys):
 
 
 def test_full_finetune_writes_a_loadable_model_folder(trained, tmp_path):
-    model_dir, data, _, _ = trained
+    model_dir, data, _, _, _ = trained
     out = tmp_path / "full"
     assert finetune_cli.main([str(data), "--output", str(out), "--model", str(model_dir), "--speaker", "0", "--full",
                               "--steps", "2", "--lr", "1e-3", "--cache-dir", str(tmp_path / "cache")]) == 0
