@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speak": ("generate_mlx", "synthesize speech from text to a WAV/FLAC file"),
     "convert": ("convert", "convert CSM weights to MLX safetensors (optionally quantized)"),
     "token-test": ("mlx_token_test", "compare the MLX sampler with the PyTorch reference sampler"),
+    "finetune": ("finetune", "fine-tune CSM (LoRA or full) on your own recordings"),
+    "fuse": ("fuse", "merge LoRA adapters into the base weights"),
 }
 
 

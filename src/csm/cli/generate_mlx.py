@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CSM compute dtype; auto (default) = float32 on MLX's CPU backend (only float32 "
                             "matmuls use its BLAS), bfloat16 on Metal/CUDA (what the official generator runs)")
     model.add_argument("--quantize", type=int, choices=[4, 8], help="quantize CSM's linear layers on load")
+    model.add_argument("--adapter", type=Path, help="LoRA adapter folder from `csm-mlx finetune` (applied unfused)")
 
     out = parser.add_argument_group("output")
     out.add_argument("--output", "-o", type=Path, default=Path("out.wav"), help="output audio file")
@@ -175,7 +176,8 @@ def run(args: argparse.Namespace) -> int:
         args.seed = random_seed()
 
     started = time.perf_counter()
-    speaker = load(args.model, dtype=args.dtype, quantize=args.quantize, tokenizer=args.tokenizer, mimi=args.mimi)
+    speaker = load(args.model, dtype=args.dtype, quantize=args.quantize, tokenizer=args.tokenizer, mimi=args.mimi,
+                   adapter=args.adapter)
     if args.voice:
         repo = args.model if is_repo_id(args.model) else None
         context = load_voice(args.voice, args.speaker, weights_dir=speaker.weights_dir, weights_repo=repo) + context

@@ -31,6 +31,7 @@ from ..weights.hub import (
     resolve_file,
     resolve_repo,
 )
+from ..training.adapters import load_adapters
 from ..weights.convert import quantize_csm
 from .generator import Generator
 
@@ -46,6 +47,7 @@ def load(
     group_size: int = 64,
     tokenizer: str | Path | None = None,
     mimi: str | Path | None = None,
+    adapter: str | Path | None = None,
 ) -> Generator:
     """Load everything needed to speak.
 
@@ -59,6 +61,7 @@ def load(
         group_size: quantization group size.
         tokenizer: a ``tokenizer.json`` path or hub repo overriding the one found with the weights.
         mimi: a Mimi checkpoint path or hub repo overriding the one found with the weights.
+        adapter: a LoRA adapter folder (``csm-mlx finetune``) applied on top, without fusing.
     """
     if isinstance(dtype, str) and dtype == "auto":
         dtype = default_dtype()
@@ -66,6 +69,8 @@ def load(
     csm = load_csm(root, dtype=dtype)
     if quantize is not None:
         quantize_csm(csm, bits=quantize, group_size=group_size)
+    if adapter is not None:
+        load_adapters(csm, adapter)
     folder = root if root.is_dir() else root.parent
     return Generator(csm, _load_mimi(root, mimi), _load_tokenizer(root, tokenizer), weights_dir=folder)
 
