@@ -135,7 +135,9 @@ def test_gradient_accumulation_equals_the_larger_batch(tmp_path):
     (row_a, a), (row_b, b) = results
     assert row_a["loss"] == pytest.approx(row_b["loss"], rel=1e-6)
     assert row_a["grad_norm"] == pytest.approx(row_b["grad_norm"], rel=1e-5)
-    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-6
+    # Measured 1.0e-6 (a batch of 2 and one of 1 run different matmul kernels, residual adds
+    # included: mx.addmm); AdamW steps are ~1e-4 (the learning rate), so a lost micro-batch shows.
+    assert max(np.abs(a[k] - b[k]).max() for k in a) < 1e-5
 
 
 def test_validation_runs_without_dropout(tmp_path):
