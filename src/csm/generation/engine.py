@@ -1,0 +1,514 @@
+"""Continuous batching: many requests share one frame loop in a fixed number of row slots.
+
+A request joins at the next frame boundary: its prompt is prefilled alone (batch 1, exactly as a
+solo run) and its keys/values copied into a free row of the shared cache, ending at the shared
+offset (:mod:`.slots`). It leaves when its row ends (the all-zero frame), its length cap is
+reached or it is cancelled, without stopping the other rows. Each row draws its noise from its
+own key, split per frame as a solo run splits it, so a greedy request gives exactly its solo result
+whatever shares the batch, and a seeded one matches its solo run up to batched-matmul rounding.
+
+Audio streams out per request (one streaming Mimi decoder state each). Memory is bounded by
+``slots`` rows of a ``cache_len``-position cache; when the shared offset reaches the end, every
+row is shifted left (compaction). The loop runs in one background thread that owns every MLX
+call; ``torch_seed`` requests (PyTorch's noise stream, consumed in the official order) run
+unbatched beside the batch, one frame per loop turn, through :meth:`Generator.stream_turns`.
+
+One host read per frame: frame ``t`` is read after frame ``t+1`` has been ``mx.async_eval``'d.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
+from ..models import Sampler
+from ..prompt import Segment, build_prompt
+from ..sampling import check_sampling_args, sample_topk
+from .frames import next_frame_rows
+from .generator import AudioChunk, Generator, Speech, Turn, random_seed, stack_frames
+from .slots import place_prompt, row_noise, shift_rows
+from .text import default_max_audio_ms, frames_for_ms
+
+logger = logging.getLogger(__name__)
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue of waiting requests is full; retry later."""
+
+
+class Cancelled(RuntimeError):
+    """The job was cancelled before it finished."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One utterance to speak.
+
+    Attributes:
+        text: the words.
+        speaker: speaker id of the new turn.
+        context: segments heard before (a voice); audio-only segments are Mimi-encoded by the engine.
+        temperature / topk: sampling (0 = greedy).
+        seed: MLX noise seed (a fresh one is drawn when None, and reported in the result).
+        torch_seed: PyTorch-compatible noise instead; such a request runs unbatched (exact tokens).
+        max_audio_length_ms: length cap (default: derived from the text, as :meth:`Generator.generate`).
+        safety: never sample codes 1-31 (see :func:`csm.sampling.sample_topk`).
+    """
+
+    text: str
+    speaker: int = 0
+    context: Sequence[Segment] = ()
+    temperature: float = 0.9
+    topk: int = 50
+    seed: int | None = None
+    torch_seed: int | None = None
+    max_audio_length_ms: float | None = None
+    safety: bool = False
+
+    @property
+    def max_frames(self) -> int:
+        return frames_for_ms(self.max_audio_length_ms or default_max_audio_ms(self.text))
+
+    def check(self) -> None:
+        """Raise one ValueError for a bad request (nothing is computed)."""
+        if not isinstance(self.text, str) or not self.text.strip():
+            raise ValueError("text is empty: give the words to speak")
+        if isinstance(self.speaker, bool) or not isinstance(self.speaker, int) or self.speaker < 0:
+            raise ValueError(f"speaker must be an integer >= 0, got {self.speaker!r}")
+        check_sampling_args(self.topk, self.temperature)
+        if self.seed is not None and self.torch_seed is not None:
+            raise ValueError("give at most one of seed and torch_seed")
+        if self.max_audio_length_ms is not None and frames_for_ms(self.max_audio_length_ms) < 1:
+            raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {self.max_audio_length_ms}")
+
+
+_END = object()
+
+
+class Job:
+    """A submitted request: stream its audio, wait for its result, or cancel it (thread-safe)."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, request: Request, seed: int | None, wake: threading.Condition):
+        self.id = next(Job._ids)
+        self.request, self.seed = request, seed
+        self.status = "queued"  # -> running -> done | failed | cancelled
+        self.error: BaseException | None = None
+        self.submitted = time.perf_counter()
+        self._wake = wake
+        self._chunks: queue.Queue = queue.Queue()
+        self._pcm: list[np.ndarray] = []
+        self._codes: list[np.ndarray] = []
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._finished_at: float | None = None
+        #: the prompt, when it could be built at submit time (no context audio left to encode)
+        self._prompt: tuple[np.ndarray, np.ndarray] | None = None
+
+    # -- consumer side --------------------------------------------------------------------
+    def chunks(self, timeout: float | None = None) -> Iterator[AudioChunk]:
+        """Audio chunks as they are produced (one per frame); ends when the job ends.
+
+        Raises the job's error if it failed; a cancelled job's stream just stops. ``timeout``
+        bounds the wait for each chunk (``queue.Empty`` past it).
+        """
+        while True:
+            item = self._chunks.get(timeout=timeout)
+            if item is _END:
+                if self.error is not None:
+                    raise self.error
+                return
+            yield item
+
+    def result(self, timeout: float | None = None) -> Speech:
+        """Wait for the whole utterance; ``TimeoutError`` past ``timeout`` seconds.
+
+        Raises:
+            Cancelled: the job was cancelled.
+            Exception: the job's own error (e.g. ValueError for a text too long for the context).
+        """
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
+        if self.error is not None:
+            raise self.error
+        if self.status == "cancelled":
+            raise Cancelled(f"job {self.id} was cancelled")
+        audio = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
+        codes = [stack_frames(self._codes)] if self.request.torch_seed is None else []
+        elapsed = (self._finished_at or time.perf_counter()) - self.submitted
+        return Speech(audio, codes, self.seed, self.request.torch_seed, elapsed, turn_audio=[audio])
+
+    def cancel(self) -> None:
+        """Stop the job at the next frame boundary (no-op once it has finished)."""
+        self._cancel.set()
+        with self._wake:
+            self._wake.notify_all()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    # -- engine side ----------------------------------------------------------------------
+    def _emit(self, pcm: np.ndarray, frames: int) -> None:
+        self._pcm.append(pcm)
+        self._chunks.put(AudioChunk(pcm, frames, 0))
+
+    def _finish(self, status: str, error: BaseException | None = None) -> None:
+        if self._done.is_set():
+            return
+        self.status, self.error = status, error
+        self._finished_at = time.perf_counter()
+        self._chunks.put(_END)
+        self._done.set()
+
+
+@dataclass(frozen=True)
+class _Draw:
+    temperature: float
+    topk: int
+    safety: bool
+
+
+def grouped_sampler(draws: Sequence[_Draw], noise: mx.array) -> Sampler:
+    """A sampler for rows with their own temperature / top-k: one :func:`sample_topk` per distinct setting.
+
+    Args:
+        draws: one setting per row.
+        noise: ``(B, 32, V)`` Exp(1) noise, row ``r`` codebook ``c`` at ``noise[r, c]``.
+    """
+    groups: dict[_Draw, list[int]] = {}
+    for row, draw in enumerate(draws):
+        groups.setdefault(draw, []).append(row)
+
+    def draw_rows(logits: mx.array, codebook: int, draw: _Draw, rows: mx.array | None) -> mx.array:
+        if rows is not None:
+            logits = logits[rows]
+        q = None
+        if draw.temperature > 0:
+            q = noise[:, codebook] if rows is None else noise[rows, codebook]
+        return sample_topk(logits, draw.topk, draw.temperature, noise=q, safety=draw.safety)
+
+    if len(groups) == 1:
+        (only,) = groups
+        return lambda logits, codebook: draw_rows(logits, codebook, only, None)
+    order = [row for rows in groups.values() for row in rows]
+    inverse = mx.array(np.argsort(order).astype(np.int32))
+    indices = [(draw, mx.array(np.array(rows, np.int32))) for draw, rows in groups.items()]
+
+    def sampler(logits: mx.array, codebook: int) -> mx.array:
+        parts = [draw_rows(logits, codebook, draw, rows) for draw, rows in indices]
+        return mx.concatenate(parts)[inverse]
+
+    return sampler
+
+
+@dataclass
+class _Row:
+    """An occupied slot."""
+
+    job: Job
+    draw: _Draw
+    limit: int
+    decoder: object  # MimiDecodeState
+    frames: int = 0
+
+
+@dataclass
+class _Solo:
+    """The unbatched lane (torch_seed requests)."""
+
+    job: Job
+    chunks: Iterator[AudioChunk] = field(repr=False)
+
+
+class Engine:
+    """Continuous-batching speech engine around a :class:`Generator`.
+
+    Args:
+        generator: the loaded model (``csm.load(...)``); the engine's thread owns it while running,
+            so do not call ``generator.generate*`` concurrently.
+        slots: rows generated together.
+        max_queue: requests waiting for a slot before :meth:`submit` raises :class:`QueueFull`.
+        cache_len: backbone positions of the shared cache (rows are compacted to the left when
+            the shared offset reaches the end). The default, 4096, holds any request (prompt +
+            frames <= 2048); a smaller cache rejects requests longer than it.
+    """
+
+    def __init__(self, generator: Generator, *, slots: int = 8, max_queue: int = 64, cache_len: int = 2 * MAX_SEQ_LEN):
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        if cache_len < 2:
+            raise ValueError(f"cache_len must be >= 2, got {cache_len}")
+        self.generator, self.slots, self.max_queue, self.cache_len = generator, slots, max_queue, cache_len
+        self._model = generator.model
+        self._vocab = self._model.args.audio_vocab_size
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._closing = False
+        self._rows: list[_Row | None] = [None] * slots
+        self._solo: _Solo | None = None
+        self.frames_generated = 0  # batched frame steps so far
+        self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
+        self._thread.start()
+
+    # -- public ---------------------------------------------------------------------------
+    def submit(self, request: Request) -> Job:
+        """Queue a request; it joins the batch at the next frame boundary with a free slot.
+
+        Raises:
+            ValueError: a bad request (empty text, bad sampling options).
+            QueueFull: ``max_queue`` requests are already waiting.
+            RuntimeError: the engine is closed.
+        """
+        request.check()
+        seed = request.seed if request.seed is not None or request.torch_seed is not None else random_seed()
+        job = Job(request, seed, self._cond)
+        if all(s.codes is not None or s.audio is None for s in request.context):
+            job._prompt = self._prompt(request, list(request.context))  # bad length: ValueError here
+        with self._cond:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})")
+            self._pending.append(job)
+            self._cond.notify_all()
+        return job
+
+    def generate(self, request: Request, timeout: float | None = None) -> Speech:
+        """Submit and wait."""
+        return self.submit(request).result(timeout)
+
+    def stats(self) -> dict[str, int]:
+        """Rows in use, requests waiting, frame steps so far."""
+        with self._cond:
+            active = sum(row is not None for row in self._rows) + (self._solo is not None)
+            return {"active": active, "queued": len(self._pending), "slots": self.slots,
+                    "frames": self.frames_generated}
+
+    def close(self, *, cancel: bool = True, timeout: float | None = 30.0) -> None:
+        """Stop accepting requests; cancel (or, with ``cancel=False``, finish) the rest; join the thread."""
+        with self._cond:
+            self._closing = True
+            if cancel:
+                for job in list(self._pending) + [r.job for r in self._rows if r is not None]:
+                    job._cancel.set()
+                if self._solo is not None:
+                    self._solo.job._cancel.set()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        model = self._model
+        self._cache = model.make_cache(self.slots, self.cache_len)
+        self._starts = np.zeros(self.slots, np.int32)
+        self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
+        self._keys = mx.zeros((self.slots, 2), mx.uint32)
+        try:
+            while self._next_turn():
+                if self._solo is not None:
+                    self._solo_step()
+                if any(row is not None for row in self._rows):
+                    self._step()
+        except BaseException as err:  # a bug in the loop: fail every job rather than hang them
+            logger.exception("engine loop failed")
+            for job in list(self._pending) + [r.job for r in self._rows if r is not None]:
+                job._finish("failed", err)
+        finally:
+            with self._cond:
+                for job in self._pending:
+                    job._finish("cancelled")
+                self._pending.clear()
+            mx.synchronize()
+            mx.clear_streams()  # MLX aborts at exit if a thread's streams outlive it
+
+    def _next_turn(self) -> bool:
+        """Admit waiting requests into free slots; block while there is nothing to do."""
+        with self._cond:
+            while True:
+                for job in [j for j in self._pending if j.cancelled]:
+                    self._pending.remove(job)
+                    job._finish("cancelled")
+                busy = any(row is not None for row in self._rows) or self._solo is not None
+                if busy or self._pending:
+                    break
+                if self._closing:
+                    return False
+                self._cond.wait()
+            admitted: list[tuple[int | None, Job]] = []
+            free = [i for i, row in enumerate(self._rows) if row is None]
+            solo_free = self._solo is None
+            for job in list(self._pending):
+                if job.request.torch_seed is not None:
+                    if solo_free:  # one unbatched job at a time
+                        admitted.append((None, job))
+                        self._pending.remove(job)
+                        solo_free = False
+                elif free:
+                    admitted.append((free.pop(0), job))
+                    self._pending.remove(job)
+        for slot, job in admitted:
+            try:
+                job.status = "running"
+                self._admit(slot, job)
+            except Exception as err:  # noqa: BLE001 - a bad request fails alone
+                logger.info("job %d failed at admission: %s", job.id, err)
+                if slot is not None:
+                    self._rows[slot] = None
+                job._finish("failed", err)
+        return True
+
+    def _prompt(self, request: Request, context: list[Segment]) -> tuple[np.ndarray, np.ndarray]:
+        """The request's prompt, with context dropped as :meth:`Generator.fit_context` drops it."""
+        turn = Turn(request.speaker, request.text)
+        kept, _ = self.generator.fit_context(context, turn, request.max_frames, len(context))
+        return build_prompt(self.generator.tokenizer, kept, turn.speaker, turn.text)
+
+    def _admit(self, slot: int | None, job: Job) -> None:
+        request = job.request
+        if slot is None:
+            chunks = self.generator.stream_turns(
+                [Turn(request.speaker, request.text)], request.context, torch_seed=request.torch_seed,
+                temperature=request.temperature, topk=request.topk, safety=request.safety,
+                max_audio_length_ms=request.max_audio_length_ms,
+            )
+            self._solo = _Solo(job, chunks)
+            return
+        prompt = job._prompt
+        if prompt is None:
+            prompt = self._prompt(request, self.generator.prepare_context(request.context))
+        tokens, mask = (mx.array(a[None]) for a in prompt)
+        length = tokens.shape[1]
+        if length + request.max_frames + 2 > self.cache_len:
+            raise ValueError(
+                f"prompt ({length} rows) + {request.max_frames} frames do not fit the engine's "
+                f"{self.cache_len}-position cache"
+            )
+        draw = _Draw(float(request.temperature), int(request.topk), bool(request.safety))
+        solo = self._model.make_cache(1, length)
+        key, noise = row_noise(mx.random.key(job.seed)[None], self._vocab)
+        first = self._model.generate_frame(tokens, mask, solo, grouped_sampler([draw], noise))
+        self._make_room(length)
+        place_prompt(self._cache.backbone, solo.backbone, slot, length)
+        self._starts[slot] = self._cache.offset - length
+        self._codes[slot] = first[0]
+        self._keys[slot] = key[0]
+        self._rows[slot] = _Row(job, draw, request.max_frames, self.generator.mimi.make_state(1))
+        logger.debug("job %d joined slot %d (%d prompt rows)", job.id, slot, length)
+
+    def _active(self) -> list[int]:
+        return [i for i, row in enumerate(self._rows) if row is not None]
+
+    def _make_room(self, length: int) -> None:
+        """Before a ``length``-row prompt joins: an empty batch restarts at 0; the offset must be >= length."""
+        backbone, active = self._cache.backbone, self._active()
+        if not active:
+            shift_rows(backbone, self._cache.offset, -self._cache.offset)
+        offset = self._cache.offset
+        if offset < length:
+            low = min((int(self._starts[i]) for i in active), default=offset)
+            shift_rows(backbone, low, length - offset)
+            self._starts[active] += length - offset
+
+    def _compact(self) -> None:
+        """Shift every row left so that the oldest row starts at 0 (the offset reached the end)."""
+        active = self._active()
+        low = min(int(self._starts[i]) for i in active)
+        if self._cache.offset - low + 1 > self.cache_len:
+            raise RuntimeError("the engine cache is full even after compaction")
+        shift_rows(self._cache.backbone, low, -low)
+        self._starts[active] -= low
+        logger.debug("compacted the engine cache by %d positions", low)
+
+    def _step(self) -> None:
+        """One batched frame: build frame t+1, read frame t, hand each row its audio."""
+        cache, active = self._cache, self._active()
+        if cache.offset + 1 > self.cache_len:
+            self._compact()
+        idle = [i for i in range(self.slots) if self._rows[i] is None]
+        self._starts[idle] = cache.offset  # idle rows attend to themselves only
+        cache.start = mx.array(self._starts)
+        common = Counter(self._rows[i].draw for i in active).most_common(1)[0][0]
+        draws = [common if row is None else row.draw for row in self._rows]
+        self._keys, noise = row_noise(self._keys, self._vocab)
+        codes = self._codes
+        upcoming = self._model.generate_frame(*next_frame_rows(codes), cache, grouped_sampler(draws, noise))
+        mx.async_eval(upcoming, self._keys)
+        frame = np.array(codes)  # the one host read per frame
+        self._codes = upcoming
+        self.frames_generated += 1
+        self._deliver(frame, active)
+
+    def _deliver(self, frame: np.ndarray, active: list[int]) -> None:
+        """End finished or cancelled rows; decode one frame of audio for each other row."""
+        decoding = []
+        for slot in active:
+            row = self._rows[slot]
+            if row.job.cancelled:
+                self._end(slot, "cancelled")
+            elif not frame[slot].any():
+                self._end(slot, "done")
+            else:
+                row.job._codes.append(frame[slot])
+                row.frames += 1
+                try:
+                    pcm = self.generator.mimi.decode_step(mx.array(frame[slot][None, :, None]), row.decoder)
+                except ValueError as err:  # a code Mimi cannot decode
+                    self._end(slot, "failed", err)
+                    continue
+                decoding.append((slot, pcm))
+        mx.eval([pcm for _, pcm in decoding])
+        for slot, pcm in decoding:
+            row = self._rows[slot]
+            row.job._emit(np.array(pcm).reshape(-1), 1)
+            if row.frames >= row.limit:
+                self._end(slot, "done")
+
+    def _end(self, slot: int, status: str, error: BaseException | None = None) -> None:
+        job = self._rows[slot].job
+        with self._cond:
+            self._rows[slot] = None
+        job._finish(status, error)
+        logger.debug("job %d left slot %d: %s", job.id, slot, status)
+
+    def _solo_step(self) -> None:
+        solo = self._solo
+        try:
+            if solo.job.cancelled:
+                solo.chunks.close()
+                status, error = "cancelled", None
+            else:
+                chunk = next(solo.chunks)
+                solo.job._emit(chunk.pcm, chunk.frames)
+                return
+        except StopIteration:
+            status, error = "done", None
+        except Exception as err:  # noqa: BLE001
+            status, error = "failed", err
+        with self._cond:
+            self._solo = None
+        solo.job._finish(status, error)
+
+
+__all__ = ["Cancelled", "Engine", "Job", "QueueFull", "Request"]
