@@ -263,6 +263,7 @@ class Engine:
         self._rows: list[_Row | None] = [None] * slots
         self._solo: _Solo | None = None
         self.frames_generated = 0  # batched frame steps so far
+        self.compactions = 0  # times every row was shifted left
         self._thread = threading.Thread(target=self._run, name="csm-engine", daemon=True)
         self._thread.start()
 
@@ -439,6 +440,7 @@ class Engine:
             raise RuntimeError("the engine cache is full even after compaction")
         shift_rows(self._cache.backbone, low, -low)
         self._starts[active] -= low
+        self.compactions += 1
         logger.debug("compacted the engine cache by %d positions", low)
 
     def _step(self) -> None:
