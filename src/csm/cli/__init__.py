@@ -14,6 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speak": ("generate_mlx", "synthesize speech from text to a WAV/FLAC file"),
     "convert": ("convert", "convert CSM weights to MLX safetensors (optionally quantized)"),
     "token-test": ("mlx_token_test", "compare the MLX sampler with the PyTorch reference sampler"),
+    "serve": ("serve", "OpenAI-compatible speech server (POST /v1/audio/speech) with a web page"),
+    "batch": ("batch", "synthesize a JSONL/text file of utterances into a folder with a manifest"),
 }
 
 
