@@ -8,8 +8,10 @@ running responses finish for ``--graceful-s`` seconds, then cancel the rest.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 
 from ..weights.hub import DEFAULT_MODEL
@@ -90,12 +92,31 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(engine, model_name=name, voices=voices, api_key=api_key, limits=limits)
     logger.info("serving %s on http://%s:%d (%d slots, auth %s)", name, args.host, args.port, args.slots,
                 "on" if api_key else "off")
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_s)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=args.graceful_s)
+        _graceful_server_class()(config).run()
     finally:
         engine.close()
     return 0
+
+
+def _graceful_server_class():
+    import uvicorn
+
+    class GracefulServer(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a graceful SIGINT/SIGTERM shutdown (uvicorn re-raises the signal)."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+
+    return GracefulServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,6 +123,8 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0] if err.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error(400, "the request body is not valid JSON")
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = f"{'.'.join(where) or 'body'}: {first.get('msg', 'invalid request')}"
         return _error(400, message, ".".join(where) or None)
