@@ -27,6 +27,19 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello from Sesame.", "How are you today?", "This is a test of speech synthesis.", "The past is a story."]
 
 
+def resolve_model(model: Path | None, tiny: bool, tmp: Path) -> Path:
+    """``--model``, or with ``--tiny`` the tests' tiny random model written under ``tmp``."""
+    if not tiny:
+        if model is None:
+            raise SystemExit("give --model PATH or --tiny")
+        return model
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_checkpoint import write_model_dir
+
+    write_model_dir(tmp / "tiny", seed=3)
+    return tmp / "tiny"
+
+
 def start_server(model: Path, slots: int, dtype: str, max_queue: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -73,13 +86,7 @@ def main() -> None:
     parser.add_argument("--max-ms", type=int, default=800, help="audio per request")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if args.tiny:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from tiny_checkpoint import write_model_dir
-
-            model = Path(tmp) / "tiny"
-            write_model_dir(model, seed=3)
+        model = resolve_model(args.model, args.tiny, Path(tmp))
         proc, url = start_server(model, args.slots, args.dtype, max_queue=max(args.levels) + 8)
         try:
             level(url, 1, 2, args.max_ms)  # warm up

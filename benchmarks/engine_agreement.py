@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from bench_serve import resolve_model
+
 import csm
 from csm.generation import Turn
 from csm.generation.engine import Engine, Request
 
-ROOT = Path(__file__).resolve().parents[1]
 TEXTS = ["Hello from Sesame.", "How are you today?", "This is a test of speech synthesis.", "The past is a story."]
 
 
@@ -55,13 +55,7 @@ def main() -> None:
     parser.add_argument("--max-ms", type=int, default=1600)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if args.tiny:
-            sys.path.insert(0, str(ROOT / "tests"))
-            from tiny_checkpoint import write_model_dir
-
-            model = Path(tmp) / "tiny"
-            write_model_dir(model, seed=3)
+        model = resolve_model(args.model, args.tiny, Path(tmp))
         rows = [compare(model, dtype, args.requests, args.slots, args.max_ms) for dtype in ("bfloat16", "float32")]
     print(json.dumps(rows, indent=1))
 
