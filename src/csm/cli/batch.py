@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from .generate_mlx import USER_ERRORS
 from .serve import add_model_args, load_generator
+from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger("csm")
 
@@ -92,21 +92,15 @@ def main(argv: list[str] | None = None) -> int:
     """Run the batch job; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM cleans up like Ctrl-C
     try:
-        return run(args)
+        with sigterm_as_interrupt():
+            return run(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted: finished items are in the manifest; rerun to resume", file=sys.stderr)
         return 130
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
