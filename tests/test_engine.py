@@ -23,7 +23,7 @@ from csm.prompt import Segment  # noqa: E402
 from csm.sampling import _exponential_from_key  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
 
-MS = 640  # 8 frames per request
+MS = 480  # 6 frames per request
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +83,13 @@ def test_busy_batch_equals_solo(speaker):
 
 def test_join_mid_flight_longer_prompt_and_compaction(speaker):
     # B's voice context makes its prompt longer than the shared offset when it joins (shift right);
-    # the 48-position cache forces compactions while A, B and C overlap.
+    # the 42-position cache forces compactions while A, B and C overlap.
     rng = np.random.default_rng(0)
     voice = [Segment(0, "How are you today?", codes=rng.integers(1, 60, (32, 12)).astype(np.int32))]
     a = Request("Hello from Sesame.", temperature=0, seed=5, max_audio_length_ms=MS)
     b = Request("This is a test.", context=voice, temperature=0.9, seed=6, max_audio_length_ms=MS)
-    c = Request("The past.", temperature=0.9, seed=7, max_audio_length_ms=MS)
-    with Engine(speaker, slots=2, cache_len=48) as engine:
+    c = Request("The past.", temperature=0.9, seed=7, max_audio_length_ms=800)  # runs past the end
+    with Engine(speaker, slots=2, cache_len=42) as engine:
         job_a = engine.submit(a)
         chunks = job_a.chunks(timeout=60)
         for _ in range(3):
