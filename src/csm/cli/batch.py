@@ -71,8 +71,11 @@ def run(args: argparse.Namespace) -> int:
 
         generator = load_generator(args)
         with Engine(generator, slots=args.slots, max_queue=4 * args.slots) as engine:
-            ok, failed = run_job(items, args.out, lambda todo: synthesize(generator, engine, todo, voices, args.max_audio_ms),
-                                 audio_format=args.format, progress=progress)
+
+            def outcomes(todo):
+                return synthesize(generator, engine, todo, voices, args.max_audio_ms)
+
+            ok, failed = run_job(items, args.out, outcomes, audio_format=args.format, progress=progress)
     done = len(items) - ok - failed
     logger.info("%d written, %d failed, %d already done; manifest: %s", ok, failed, done, args.out / "manifest.jsonl")
     if failed:
