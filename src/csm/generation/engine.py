@@ -326,6 +326,7 @@ class Engine:
         self._starts = np.zeros(self.slots, np.int32)
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
+        self._audio: list[tuple[Job, mx.array, bool]] = []  # decoding, handed out next step
         try:
             while self._next_turn():
                 if self._solo is not None:
@@ -334,7 +335,8 @@ class Engine:
                     self._step()
         except BaseException as err:  # a bug in the loop: fail every job rather than hang them
             logger.exception("engine loop failed")
-            for job in list(self._pending) + [r.job for r in self._rows if r is not None]:
+            running = [r.job for r in self._rows if r is not None] + [job for job, _, _ in self._audio]
+            for job in list(self._pending) + running:
                 job._finish("failed", err)
         finally:
             with self._cond:
@@ -457,14 +459,20 @@ class Engine:
         codes = self._codes
         upcoming = self._model.generate_frame(*next_frame_rows(codes), cache, grouped_sampler(draws, noise))
         mx.async_eval(upcoming, self._keys)
+        self._emit_audio()  # the previous frame's audio, decoded while this frame was being built
         frame = np.array(codes)  # the one host read per frame
         self._codes = upcoming
         self.frames_generated += 1
         self._deliver(frame, active)
+        if not self._active():
+            self._emit_audio()  # nothing left to overlap with
 
     def _deliver(self, frame: np.ndarray, active: list[int]) -> None:
-        """End finished or cancelled rows; decode one frame of audio for each other row."""
-        decoding = []
+        """End finished or cancelled rows; start decoding one frame of audio for each other row.
+
+        The audio is handed out by :meth:`_emit_audio` on the next step, once the frame after
+        it has been queued, so the host never waits on the decoder alone.
+        """
         for slot in active:
             row = self._rows[slot]
             if row.job.cancelled:
@@ -479,20 +487,30 @@ class Engine:
                 except ValueError as err:  # a code Mimi cannot decode
                     self._end(slot, "failed", err)
                     continue
-                decoding.append((slot, pcm))
-        mx.eval([pcm for _, pcm in decoding])
-        for slot, pcm in decoding:
-            row = self._rows[slot]
-            row.job._emit(np.array(pcm).reshape(-1), 1)
-            if row.frames >= row.limit:
-                self._end(slot, "done")
+                last = row.frames >= row.limit
+                self._audio.append((row.job, pcm, last))
+                if last:  # the slot is free now; the job ends once its audio is out
+                    self._free(slot)
+        if self._audio:
+            mx.async_eval([pcm for _, pcm, _ in self._audio])
+
+    def _emit_audio(self) -> None:
+        audio, self._audio = self._audio, []
+        for job, pcm, last in audio:
+            job._emit(np.array(pcm).reshape(-1), 1)
+            if last:
+                job._finish("done")
 
     def _end(self, slot: int, status: str, error: BaseException | None = None) -> None:
+        job = self._free(slot)
+        job._finish(status, error)
+        logger.debug("job %d left slot %d: %s", job.id, slot, status)
+
+    def _free(self, slot: int) -> Job:
         job = self._rows[slot].job
         with self._cond:
             self._rows[slot] = None
-        job._finish(status, error)
-        logger.debug("job %d left slot %d: %s", job.id, slot, status)
+        return job
 
     def _solo_step(self) -> None:
         solo = self._solo
