@@ -148,9 +148,14 @@ def test_torch_seed_runs_unbatched_and_exact(speaker):
     assert result.torch_seed == 3
 
 
-def test_generator_unchanged_while_engine_idle(speaker):
-    """The engine's thread holds no work when idle: closing it is quick."""
-    engine = Engine(speaker, slots=2)
+def test_close_cancels_what_runs_and_waits(speaker):
+    engine = Engine(speaker, slots=1)
+    running = engine.submit(Request("Hello from Sesame.", seed=1, max_audio_length_ms=20_000))
+    waiting = engine.submit(Request("How are you?", seed=2, max_audio_length_ms=20_000))
+    next(running.chunks(timeout=60))
     started = time.perf_counter()
     engine.close()
-    assert time.perf_counter() - started < 5
+    assert time.perf_counter() - started < 10  # within a frame or two, not 250 frames
+    for job in (running, waiting):
+        with pytest.raises(Cancelled):
+            job.result(timeout=1)

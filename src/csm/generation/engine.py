@@ -260,6 +260,7 @@ class Engine:
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
         self._closing = False
+        self._abort = False  # close(cancel=True): end every job at the next frame boundary
         self._rows: list[_Row | None] = [None] * slots
         self._solo: _Solo | None = None
         self.frames_generated = 0  # batched frame steps so far
@@ -304,12 +305,10 @@ class Engine:
     def close(self, *, cancel: bool = True, timeout: float | None = 30.0) -> None:
         """Stop accepting requests; cancel (or, with ``cancel=False``, finish) the rest; join the thread."""
         with self._cond:
-            self._closing = True
+            self._closing, self._abort = True, cancel
             if cancel:
-                for job in list(self._pending) + [r.job for r in self._rows if r is not None]:
+                for job in self._pending:
                     job._cancel.set()
-                if self._solo is not None:
-                    self._solo.job._cancel.set()
             self._cond.notify_all()
         self._thread.join(timeout)
 
@@ -475,7 +474,7 @@ class Engine:
         """
         for slot in active:
             row = self._rows[slot]
-            if row.job.cancelled:
+            if row.job.cancelled or self._abort:
                 self._end(slot, "cancelled")
             elif not frame[slot].any():
                 self._end(slot, "done")
@@ -515,7 +514,7 @@ class Engine:
     def _solo_step(self) -> None:
         solo = self._solo
         try:
-            if solo.job.cancelled:
+            if solo.job.cancelled or self._abort:
                 solo.chunks.close()
                 status, error = "cancelled", None
             else:
