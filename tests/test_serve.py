@@ -85,8 +85,20 @@ def test_valid_wav_and_formats(server):
     np.testing.assert_array_equal(flac, audio)
     pcm = speak(server, seed=1, response_format="pcm").content
     np.testing.assert_array_equal(np.frombuffer(pcm, "<i2"), audio)
+    for name in {"mp3", "opus"} & set(httpx.get(f"{server.url}/v1/audio/voices", headers=AUTH).json()["formats"]):
+        lossy, rate = sf.read(io.BytesIO(speak(server, seed=1, response_format=name).content))
+        assert rate == 24_000 and abs(len(lossy) - len(audio)) < FRAME  # encoder padding only
     voiced = speak(server, seed=1, voice="myvoice")
     assert voiced.status_code == 200 and voiced.content != response.content
+
+
+def test_unwritable_format_is_a_clear_400(monkeypatch):
+    import csm.serve.encode as encode
+
+    monkeypatch.setattr(encode.sf, "available_subtypes", lambda container: {})
+    with pytest.raises(ValueError, match="'mp3' is not available.*use wav, flac or pcm"):
+        encode.check_format("mp3")
+    assert encode.check_format("wav") == "wav"
 
 
 def test_streamed_equals_whole(server):
