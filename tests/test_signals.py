@@ -16,6 +16,10 @@ from serve_helpers import SRC  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
 
 
+def _default_signals() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-signals")
@@ -31,7 +35,8 @@ def test_speak_stream_killed_leaves_nothing(model, tmp_path, sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "csm.cli", "speak", "--model", str(model), "--dtype", "float32", "--text",
          "Hello from Sesame.", "--seed", "1", "--max-audio-ms", "20000", "--stream", "--quiet",
-         "--output", str(out / "x.wav")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         "--output", str(out / "x.wav")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_default_signals)  # pytest-xdist workers ignore SIGINT, and children inherit that
     deadline = time.monotonic() + 60
     while not list(out.glob(".x.wav.*.part")) and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.05)
