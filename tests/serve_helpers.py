@@ -35,11 +35,13 @@ def write_voice(folder: Path) -> Path:
 class Server:
     """``python -m csm.cli serve ...`` as a subprocess; ``stop()`` sends SIGTERM and returns the exit code."""
 
-    def __init__(self, model_dir: Path, *args: str, log: Path):
+    def __init__(self, model_dir: Path, *args: str, log: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        extra_env = env
         env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
         env.pop("CSM_API_KEY", None)
+        env.update(extra_env or {})
         self._log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "csm.cli", "serve", "--model", str(model_dir), "--dtype", "float32",

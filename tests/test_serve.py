@@ -88,6 +88,9 @@ def test_valid_wav_and_formats(server):
     for name in {"mp3", "opus"} & set(httpx.get(f"{server.url}/v1/audio/voices", headers=AUTH).json()["formats"]):
         lossy, rate = sf.read(io.BytesIO(speak(server, seed=1, response_format=name).content))
         assert rate == 24_000 and abs(len(lossy) - len(audio)) < FRAME  # encoder padding only
+    torch_seeded = speak(server, torch_seed=3)
+    assert torch_seeded.status_code == 200 and torch_seeded.headers["x-seed"] == ""
+    assert speak(server, torch_seed=3).content == torch_seeded.content
     voiced = speak(server, seed=1, voice="myvoice")
     assert voiced.status_code == 200 and voiced.content != response.content
 
@@ -208,14 +211,18 @@ def test_queue_full_and_timeout_in_process(model_dir):
 
 
 def test_sigterm_is_graceful(model_dir, tmp_path):
-    srv = Server(model_dir, "--graceful-s", "2", log=tmp_path / "server.log")
+    """Also: the key can come from CSM_API_KEY."""
+    srv = Server(model_dir, "--graceful-s", "2", log=tmp_path / "server.log", env={"CSM_API_KEY": "env-key"})
     srv.wait_ready()
+    assert httpx.get(f"{srv.url}/v1/models").status_code == 401
     received = []
 
     def client() -> None:
         body = {"input": "Hello from Sesame.", "max_audio_length_ms": 4000, "stream_format": "audio"}
+        headers = {"Authorization": "Bearer env-key"}
         try:
-            with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body, timeout=60) as response:
+            with httpx.stream("POST", f"{srv.url}/v1/audio/speech", json=body, headers=headers,
+                              timeout=60) as response:
                 for piece in response.iter_bytes():
                     received.append(len(piece))
         except httpx.HTTPError:
