@@ -25,6 +25,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Literal
 
+import anyio.to_thread
 import numpy as np
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -111,6 +112,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        # Every request in flight (at most slots + max_queue) holds one worker thread while it
+        # waits for audio; leave room for the other routes on top.
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, engine.slots + engine.max_queue + 16)
         yield
         await run_in_threadpool(engine.close)  # cancels what is still running
 
