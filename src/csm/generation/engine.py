@@ -18,203 +18,23 @@ One host read per frame: frame ``t`` is read after frame ``t+1`` has been ``mx.a
 
 from __future__ import annotations
 
-import itertools
 import logging
-import queue
 import threading
-import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
 
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
-from ..models import Sampler
 from ..prompt import Segment, build_prompt
-from ..sampling import check_sampling_args, sample_topk
 from .frames import next_frame_rows
-from .generator import AudioChunk, Generator, Speech, Turn, random_seed, stack_frames
-from .slots import place_prompt, row_noise, shift_rows
-from .text import default_max_audio_ms, frames_for_ms
+from .generator import AudioChunk, Generator, Speech, Turn, random_seed
+from .jobs import Cancelled, Job, QueueFull, Request
+from .slots import Draw, grouped_sampler, place_prompt, row_noise, shift_rows
 
 logger = logging.getLogger(__name__)
-
-
-class QueueFull(RuntimeError):
-    """The engine's queue of waiting requests is full; retry later."""
-
-
-class Cancelled(RuntimeError):
-    """The job was cancelled before it finished."""
-
-
-@dataclass(frozen=True)
-class Request:
-    """One utterance to speak.
-
-    Attributes:
-        text: the words.
-        speaker: speaker id of the new turn.
-        context: segments heard before (a voice); audio-only segments are Mimi-encoded by the engine.
-        temperature / topk: sampling (0 = greedy).
-        seed: MLX noise seed (a fresh one is drawn when None, and reported in the result).
-        torch_seed: PyTorch-compatible noise instead; such a request runs unbatched (exact tokens).
-        max_audio_length_ms: length cap (default: derived from the text, as :meth:`Generator.generate`).
-        safety: never sample codes 1-31 (see :func:`csm.sampling.sample_topk`).
-    """
-
-    text: str
-    speaker: int = 0
-    context: Sequence[Segment] = ()
-    temperature: float = 0.9
-    topk: int = 50
-    seed: int | None = None
-    torch_seed: int | None = None
-    max_audio_length_ms: float | None = None
-    safety: bool = False
-
-    @property
-    def max_frames(self) -> int:
-        return frames_for_ms(self.max_audio_length_ms or default_max_audio_ms(self.text))
-
-    def check(self) -> None:
-        """Raise one ValueError for a bad request (nothing is computed)."""
-        if not isinstance(self.text, str) or not self.text.strip():
-            raise ValueError("text is empty: give the words to speak")
-        if isinstance(self.speaker, bool) or not isinstance(self.speaker, int) or self.speaker < 0:
-            raise ValueError(f"speaker must be an integer >= 0, got {self.speaker!r}")
-        check_sampling_args(self.topk, self.temperature)
-        if self.seed is not None and self.torch_seed is not None:
-            raise ValueError("give at most one of seed and torch_seed")
-        if self.max_audio_length_ms is not None and frames_for_ms(self.max_audio_length_ms) < 1:
-            raise ValueError(f"max_audio_length_ms must be at least 80 ms, got {self.max_audio_length_ms}")
-
-
-_END = object()
-
-
-class Job:
-    """A submitted request: stream its audio, wait for its result, or cancel it (thread-safe)."""
-
-    _ids = itertools.count(1)
-
-    def __init__(self, request: Request, seed: int | None, wake: threading.Condition):
-        self.id = next(Job._ids)
-        self.request, self.seed = request, seed
-        self.status = "queued"  # -> running -> done | failed | cancelled
-        self.error: BaseException | None = None
-        self.submitted = time.perf_counter()
-        self._wake = wake
-        self._chunks: queue.Queue = queue.Queue()
-        self._pcm: list[np.ndarray] = []
-        self._codes: list[np.ndarray] = []
-        self._done = threading.Event()
-        self._cancel = threading.Event()
-        self._finished_at: float | None = None
-        #: the prompt, when it could be built at submit time (no context audio left to encode)
-        self._prompt: tuple[np.ndarray, np.ndarray] | None = None
-
-    # -- consumer side --------------------------------------------------------------------
-    def chunks(self, timeout: float | None = None) -> Iterator[AudioChunk]:
-        """Audio chunks as they are produced (one per frame); ends when the job ends.
-
-        Raises the job's error if it failed; a cancelled job's stream just stops. ``timeout``
-        bounds the wait for each chunk (``queue.Empty`` past it).
-        """
-        while True:
-            item = self._chunks.get(timeout=timeout)
-            if item is _END:
-                if self.error is not None:
-                    raise self.error
-                return
-            yield item
-
-    def result(self, timeout: float | None = None) -> Speech:
-        """Wait for the whole utterance; ``TimeoutError`` past ``timeout`` seconds.
-
-        Raises:
-            Cancelled: the job was cancelled.
-            Exception: the job's own error (e.g. ValueError for a text too long for the context).
-        """
-        if not self._done.wait(timeout):
-            raise TimeoutError(f"job {self.id} did not finish within {timeout} s")
-        if self.error is not None:
-            raise self.error
-        if self.status == "cancelled":
-            raise Cancelled(f"job {self.id} was cancelled")
-        audio = np.concatenate(self._pcm) if self._pcm else np.zeros(0, np.float32)
-        codes = [stack_frames(self._codes)] if self.request.torch_seed is None else []
-        elapsed = (self._finished_at or time.perf_counter()) - self.submitted
-        return Speech(audio, codes, self.seed, self.request.torch_seed, elapsed, turn_audio=[audio])
-
-    def cancel(self) -> None:
-        """Stop the job at the next frame boundary (no-op once it has finished)."""
-        self._cancel.set()
-        with self._wake:
-            self._wake.notify_all()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    # -- engine side ----------------------------------------------------------------------
-    def _emit(self, pcm: np.ndarray, frames: int) -> None:
-        self._pcm.append(pcm)
-        self._chunks.put(AudioChunk(pcm, frames, 0))
-
-    def _finish(self, status: str, error: BaseException | None = None) -> None:
-        if self._done.is_set():
-            return
-        self.status, self.error = status, error
-        self._finished_at = time.perf_counter()
-        self._chunks.put(_END)
-        self._done.set()
-
-
-@dataclass(frozen=True)
-class _Draw:
-    temperature: float
-    topk: int
-    safety: bool
-
-
-def grouped_sampler(draws: Sequence[_Draw], noise: mx.array) -> Sampler:
-    """A sampler for rows with their own temperature / top-k: one :func:`sample_topk` per distinct setting.
-
-    Args:
-        draws: one setting per row.
-        noise: ``(B, 32, V)`` Exp(1) noise, row ``r`` codebook ``c`` at ``noise[r, c]``.
-    """
-    groups: dict[_Draw, list[int]] = {}
-    for row, draw in enumerate(draws):
-        groups.setdefault(draw, []).append(row)
-
-    def draw_rows(logits: mx.array, codebook: int, draw: _Draw, rows: mx.array | None) -> mx.array:
-        if rows is not None:
-            logits = logits[rows]
-        q = None
-        if draw.temperature > 0:
-            q = noise[:, codebook] if rows is None else noise[rows, codebook]
-        return sample_topk(logits, draw.topk, draw.temperature, noise=q, safety=draw.safety)
-
-    if len(groups) == 1:
-        (only,) = groups
-        return lambda logits, codebook: draw_rows(logits, codebook, only, None)
-    order = [row for rows in groups.values() for row in rows]
-    inverse = mx.array(np.argsort(order).astype(np.int32))
-    indices = [(draw, mx.array(np.array(rows, np.int32))) for draw, rows in groups.items()]
-
-    def sampler(logits: mx.array, codebook: int) -> mx.array:
-        parts = [draw_rows(logits, codebook, draw, rows) for draw, rows in indices]
-        return mx.concatenate(parts)[inverse]
-
-    return sampler
 
 
 @dataclass
@@ -222,7 +42,7 @@ class _Row:
     """An occupied slot."""
 
     job: Job
-    draw: _Draw
+    draw: Draw
     limit: int
     decoder: object  # MimiDecodeState
     frames: int = 0
@@ -407,7 +227,7 @@ class Engine:
                 f"prompt ({length} rows) + {request.max_frames} frames do not fit the engine's "
                 f"{self.cache_len}-position cache"
             )
-        draw = _Draw(float(request.temperature), int(request.topk), bool(request.safety))
+        draw = Draw(float(request.temperature), int(request.topk), bool(request.safety))
         solo = self._model.make_cache(1, length)
         key, noise = row_noise(mx.random.key(job.seed)[None], self._vocab)
         first = self._model.generate_frame(tokens, mask, solo, grouped_sampler([draw], noise))

@@ -4,18 +4,22 @@ The engine's cache has one offset shared by every row; row ``r`` occupies positi
 ``[start[r], offset)``. A joining request is prefilled alone (batch 1) and its keys/values copied
 into its row so that they end at the shared offset. Keys are RoPE'd by position *relative to the
 row's start*, so they are identical wherever they sit, and moving every row by the same amount
-(:func:`shift_rows`) changes nothing a row computes.
+(:func:`shift_rows`) changes nothing a row computes. Each row draws its own noise
+(:func:`row_noise`) and samples with its own temperature / top-k (:func:`grouped_sampler`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import mlx.core as mx
+import numpy as np
 
 from ..config import NUM_CODEBOOKS
+from ..models import Sampler
 from ..models.cache import KVCache
-from ..sampling import _exponential_from_key
+from ..sampling import _exponential_from_key, sample_topk
 
 
 def place_prompt(shared: Sequence[KVCache], solo: Sequence[KVCache], row: int, length: int) -> None:
@@ -59,3 +63,45 @@ def row_noise(keys: mx.array, vocab: int) -> tuple[mx.array, mx.array]:
     """
     keys, noise = mx.vmap(lambda k: _frame_noise(k, vocab))(keys)
     return keys, noise[:, :, 0, :]
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One row's sampling settings."""
+
+    temperature: float
+    topk: int
+    safety: bool
+
+
+def grouped_sampler(draws: Sequence[Draw], noise: mx.array) -> Sampler:
+    """A sampler for rows with their own temperature / top-k: one :func:`sample_topk` per distinct setting.
+
+    Args:
+        draws: one setting per row.
+        noise: ``(B, 32, V)`` Exp(1) noise, row ``r`` codebook ``c`` at ``noise[r, c]``.
+    """
+    groups: dict[Draw, list[int]] = {}
+    for row, draw in enumerate(draws):
+        groups.setdefault(draw, []).append(row)
+
+    def draw_rows(logits: mx.array, codebook: int, draw: Draw, rows: mx.array | None) -> mx.array:
+        if rows is not None:
+            logits = logits[rows]
+        q = None
+        if draw.temperature > 0:
+            q = noise[:, codebook] if rows is None else noise[rows, codebook]
+        return sample_topk(logits, draw.topk, draw.temperature, noise=q, safety=draw.safety)
+
+    if len(groups) == 1:
+        (only,) = groups
+        return lambda logits, codebook: draw_rows(logits, codebook, only, None)
+    order = [row for rows in groups.values() for row in rows]
+    inverse = mx.array(np.argsort(order).astype(np.int32))
+    indices = [(draw, mx.array(np.array(rows, np.int32))) for draw, rows in groups.items()]
+
+    def sampler(logits: mx.array, codebook: int) -> mx.array:
+        parts = [draw_rows(logits, codebook, draw, rows) for draw, rows in indices]
+        return mx.concatenate(parts)[inverse]
+
+    return sampler
