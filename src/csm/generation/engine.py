@@ -1,8 +1,10 @@
 """Continuous batching: many requests share one frame loop in a fixed number of row slots.
 
-A request joins at the next frame boundary: its prompt is prefilled alone (batch 1, exactly as a
-solo run) and its keys/values copied into a free row of the shared cache, ending at the shared
-offset (:mod:`.slots`). It leaves when its row ends (the all-zero frame), its length cap is
+A request joins at the next frame boundary: its prompt but the last row is prefilled alone
+(batch 1, backbone only) and its keys/values copied into a free row of the shared cache, ending at
+the shared offset (:mod:`.slots`); the last prompt row is the row's input to the next shared step,
+which samples its first frame together with the other rows' next frames (so a join costs no
+depth-decoder pass of its own). It leaves when its row ends (the all-zero frame), its length cap is
 reached or it is cancelled, without stopping the other rows. Each row draws its noise from its
 own key, split per frame as a solo run splits it, so a greedy request gives exactly its solo result
 whatever shares the batch, and a seeded one matches its solo run up to batched-matmul rounding.
@@ -13,7 +15,8 @@ row is shifted left (compaction). The loop runs in one background thread that ow
 call; ``torch_seed`` requests (PyTorch's noise stream, consumed in the official order) run
 unbatched beside the batch, one frame per loop turn, through :meth:`Generator.stream_turns`.
 
-One host read per frame: frame ``t`` is read after frame ``t+1`` has been ``mx.async_eval``'d.
+One host read per frame: frame ``t`` is read after frame ``t+1`` has been ``mx.async_eval``'d;
+each frame's audio (per-row Mimi decode) is read on the next step, after the next frame is queued.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class _Row:
     limit: int
     decoder: object  # MimiDecodeState
     frames: int = 0
+    fresh: bool = True  # its first frame is being computed: nothing to read yet
 
 
 @dataclass
@@ -146,6 +150,7 @@ class Engine:
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
         self._audio: list[tuple[Job, mx.array, bool]] = []  # decoding, handed out next step
+        self._joining: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> last prompt row
         try:
             while self._next_turn():
                 if self._solo is not None:
@@ -228,14 +233,16 @@ class Engine:
                 f"{self.cache_len}-position cache"
             )
         draw = Draw(float(request.temperature), int(request.topk), bool(request.safety))
-        solo = self._model.make_cache(1, length)
-        key, noise = row_noise(mx.random.key(job.seed)[None], self._vocab)
-        first = self._model.generate_frame(tokens, mask, solo, grouped_sampler([draw], noise))
-        self._make_room(length)
-        place_prompt(self._cache.backbone, solo.backbone, slot, length)
-        self._starts[slot] = self._cache.offset - length
-        self._codes[slot] = first[0]
-        self._keys[slot] = key[0]
+        # All prompt rows but the last go in alone (batch 1, backbone only); the last one is this
+        # row's input to the next shared step, which samples the first frame with the others.
+        self._make_room(length - 1)
+        if length > 1:
+            solo = self._model.make_cache(1, length - 1)
+            self._model.forward_backbone(tokens[:, :-1], mask[:, :-1], solo)
+            place_prompt(self._cache.backbone, solo.backbone, slot, length - 1)
+        self._starts[slot] = self._cache.offset - (length - 1)
+        self._keys[slot] = mx.random.key(job.seed)
+        self._joining[slot] = (prompt[0][-1], prompt[1][-1])
         self._rows[slot] = _Row(job, draw, request.max_frames, self.generator.mimi.make_state(1))
         logger.debug("job %d joined slot %d (%d prompt rows)", job.id, slot, length)
 
@@ -276,7 +283,7 @@ class Engine:
         draws = [common if row is None else row.draw for row in self._rows]
         self._keys, noise = row_noise(self._keys, self._vocab)
         codes = self._codes
-        upcoming = self._model.generate_frame(*next_frame_rows(codes), cache, grouped_sampler(draws, noise))
+        upcoming = self._model.generate_frame(*self._inputs(codes), cache, grouped_sampler(draws, noise))
         mx.async_eval(upcoming, self._keys)
         self._emit_audio()  # the previous frame's audio, decoded while this frame was being built
         frame = np.array(codes)  # the one host read per frame
@@ -286,6 +293,19 @@ class Engine:
         if not self._active():
             self._emit_audio()  # nothing left to overlap with
 
+    def _inputs(self, codes: mx.array) -> tuple[mx.array, mx.array]:
+        """Each row's input to the step: its last frame, or a joining row's last prompt row."""
+        tokens, mask = next_frame_rows(codes)
+        if not self._joining:
+            return tokens, mask
+        joining = np.zeros(self.slots, bool)
+        last_tokens, last_mask = np.zeros(tokens.shape, np.int32), np.zeros(mask.shape, bool)
+        for slot, (row_tokens, row_mask) in self._joining.items():
+            joining[slot], last_tokens[slot, 0], last_mask[slot, 0] = True, row_tokens, row_mask
+        self._joining = {}
+        where = mx.array(joining)[:, None, None]
+        return mx.where(where, mx.array(last_tokens), tokens), mx.where(where, mx.array(last_mask), mask)
+
     def _deliver(self, frame: np.ndarray, active: list[int]) -> None:
         """End finished or cancelled rows; start decoding one frame of audio for each other row.
 
@@ -294,7 +314,9 @@ class Engine:
         """
         for slot in active:
             row = self._rows[slot]
-            if row.job.cancelled or self._abort:
+            if row.fresh:  # its row of this frame belongs to whoever sat there before
+                row.fresh = False
+            elif row.job.cancelled or self._abort:
                 self._end(slot, "cancelled")
             elif not frame[slot].any():
                 self._end(slot, "done")
