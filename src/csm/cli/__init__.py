@@ -16,6 +16,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "token-test": ("mlx_token_test", "compare the MLX sampler with the PyTorch reference sampler"),
     "finetune": ("finetune", "fine-tune CSM (LoRA or full) on your own recordings"),
     "fuse": ("fuse", "merge LoRA adapters into the base weights"),
+    "serve": ("serve", "OpenAI-compatible speech server (POST /v1/audio/speech) with a web page"),
+    "batch": ("batch", "synthesize a JSONL/text file of utterances into a folder with a manifest"),
 }
 
 

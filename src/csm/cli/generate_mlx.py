@@ -21,6 +21,7 @@ from ..config import FRAME_RATE, SAMPLE_RATE
 from ..prompt import Segment
 from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, is_repo_id
 from ..weights.io import WeightsError
+from .signals import sigterm_as_interrupt
 
 logger = logging.getLogger("csm")
 
@@ -283,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
     try:
-        return run(args)
+        with sigterm_as_interrupt():  # kill cleans up like Ctrl-C: no .part file left
+            return run(args)
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

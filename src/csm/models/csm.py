@@ -7,6 +7,7 @@ injected ``sampler``. Nothing here reads values back to the host, so a whole fra
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -169,11 +170,15 @@ class CSM(nn.Module):
         return mx.concatenate(codes, axis=1).astype(mx.int32)
 
     def compiled_frame(self, draw: Draw) -> CompiledFrame:
-        """The compiled frame for the official sampler with these options (built once, then reused)."""
+        """The compiled frame for the official sampler with these options (built once per thread, then reused).
+
+        Per thread: a trace holds the thread's MLX streams, which another thread cannot run.
+        """
         frames = self.__dict__.setdefault("_compiled_frames", {})  # a plain attribute, not a parameter
-        if draw not in frames:
-            frames[draw] = CompiledFrame(self, draw)
-        return frames[draw]
+        key = (draw, threading.get_ident())
+        if key not in frames:
+            frames[key] = CompiledFrame(self, draw)
+        return frames[key]
 
     def generate_frame(self, tokens: mx.array, mask: mx.array, cache: FrameCache, sampler: Sampler) -> mx.array:
         """One audio frame: backbone over ``tokens`` (prompt or last frame), then all 32 codebooks.

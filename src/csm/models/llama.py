@@ -147,6 +147,17 @@ def unfuse_weights(weights: Mapping[str, mx.array], args_of: Callable[[str], "Ll
     return out
 
 
+def rotation_table(periods: np.ndarray, length: int) -> np.ndarray:
+    """``[cos, sin]`` of ``theta = position * (1 / period)`` for positions ``0..length-1``: (length, P, 2) float32.
+
+    The angles are float32 products, as ``mx.fast.rope``'s unfused fallback forms them; cos and sin
+    are taken in float64 and rounded once.
+    """
+    inv = (np.float32(1) / periods.astype(np.float32)).astype(np.float32)
+    theta = (np.arange(length, dtype=np.float32)[:, None] * inv).astype(np.float64)
+    return np.stack([np.cos(theta), np.sin(theta)], axis=-1).astype(np.float32)
+
+
 def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> mx.array:
     """``layer(x) + residual``; for a plain Linear one fused matmul-add kernel (``mx.addmm``).
 
@@ -186,11 +197,33 @@ class Attention(nn.Module):
         self.output_proj = nn.Linear(args.num_heads * hd, dim, bias=False)
         # mx.fast.rope takes periods (1 / theta); "_" keeps it out of the parameters.
         self._periods = mx.array(1.0 / rope_inv_freq(hd, args.rope_base, args.rope_scaling))
+        # CPU only: cos and sin per (position, pair), (positions, hd / 2, 2), from host data (a lazy
+        # graph here would belong to the constructing thread's streams).
+        self._rotations = mx.array(rotation_table(np.array(self._periods), max(args.max_seq_len, 4096)))
 
     def _rope(self, x: mx.array, positions: int | mx.array) -> mx.array:
+        if mx.default_device() == mx.cpu:
+            return self._rope_from_table(x, positions)
         return mx.fast.rope(
             x, self.head_dim, traditional=True, base=None, scale=1.0, offset=positions, freqs=self._periods
         )
+
+    def _rope_from_table(self, x: mx.array, positions: int | mx.array) -> mx.array:
+        """Interleaved RoPE from a precomputed cos/sin table (``x``: (B, H, L, hd)).
+
+        On the CPU ``mx.fast.rope`` is unfused: every call recomputes positions, angles, cos and
+        sin (about 7 kernels). The table holds the same float32 values (``theta = position *
+        (1 / period)``, as that fallback computes), so a call is a lookup and one rotation.
+        """
+        L = x.shape[2]
+        if isinstance(positions, int):
+            rot = self._rotations[positions : positions + L]  # (L, hd/2, 2), a view
+        else:
+            rot = self._rotations[positions.reshape(-1, 1) + mx.arange(L)][:, None]  # (B, 1, L, hd/2, 2)
+        rot = rot.astype(x.dtype)
+        pairs = x.reshape(*x.shape[:-1], -1, 2)
+        x0, x1, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
+        return mx.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1).reshape(x.shape)
 
     def project(self, x: mx.array, positions: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """(B, L, D) → RoPE'd q (B, H, L, hd), RoPE'd k and v (B, KV, L, hd).

@@ -1,0 +1,1 @@
+"""The speech server (``csm-mlx serve``): FastAPI routes over the batching engine."""
