@@ -218,9 +218,11 @@ def run_torch(args, side: str) -> dict:
 
 # ---------------------------------------------------------------- driver
 def child(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--weights", str(args.weights), "--dtype", args.dtype,
-           "--torch-dtype", args.torch_dtype, "--frames", str(args.frames), "--torch-threads", str(args.torch_threads), "--torch-device", args.torch_device, "--torch-compile", args.torch_compile,
-           "--quality-frames", str(args.quality_frames), "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    options = {"--weights": args.weights, "--dtype": args.dtype, "--torch-dtype": args.torch_dtype,
+               "--frames": args.frames, "--torch-threads": args.torch_threads, "--torch-device": args.torch_device,
+               "--torch-compile": args.torch_compile, "--quality-frames": args.quality_frames,
+               "--batch-sizes": ",".join(map(str, args.batch_sizes))}
+    cmd = [sys.executable, __file__, "--side", side] + [str(x) for item in options.items() for x in item]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
