@@ -178,7 +178,7 @@ def run_torch(args, side: str) -> dict:
     device = args.torch_device
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
-    hf = load_torch(args.weights, args.dtype, device)
+    hf = load_torch(args.weights, args.torch_dtype, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     tokens, mask = (torch.from_numpy(a).to(device) for a in prompt())
     tokens = tokens.long()
@@ -225,9 +225,11 @@ def run_torch(args, side: str) -> dict:
 
 # ---------------------------------------------------------------- driver
 def child(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--side", side, "--weights", str(args.weights), "--dtype", args.dtype,
-           "--frames", str(args.frames), "--torch-threads", str(args.torch_threads), "--torch-device", args.torch_device, "--torch-compile", args.torch_compile,
-           "--quality-frames", str(args.quality_frames), "--batch-sizes", ",".join(map(str, args.batch_sizes))]
+    options = {"--weights": args.weights, "--dtype": args.dtype, "--torch-dtype": args.torch_dtype,
+               "--frames": args.frames, "--torch-threads": args.torch_threads, "--torch-device": args.torch_device,
+               "--torch-compile": args.torch_compile, "--quality-frames": args.quality_frames,
+               "--batch-sizes": ",".join(map(str, args.batch_sizes))}
+    cmd = [sys.executable, __file__, "--side", side] + [str(x) for item in options.items() for x in item]
     result = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if result.returncode:
         return {"error": result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"}
@@ -247,7 +249,8 @@ def print_report(results: dict, args) -> None:
     speed = {k: v for k, v in results.items() if "frame_s" in v}
     torch_sides = [k for k in speed if k in TORCH_SIDES]
     fastest = min(torch_sides, key=lambda k: speed[k]["frame_s"]) if torch_sides else None
-    print(f"\nCSM {args.size} random weights, {args.dtype}, batch 1, prompt {PROMPT_LEN} rows, fastest of "
+    dtypes = args.dtype if args.torch_dtype == args.dtype else f"MLX {args.dtype}, PyTorch {args.torch_dtype}"
+    print(f"\nCSM {args.size} random weights, {dtypes}, batch 1, prompt {PROMPT_LEN} rows, fastest of "
           f"{args.frames} frames; PyTorch on {args.torch_device}; {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"{'side':<15} {'prefill s':>10} {'ms/frame':>10} {'peak RSS GB':>12} "
@@ -284,6 +287,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--weights", type=Path, help="checkpoint folder (written if missing; default: a temp dir)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16",
                         help="compute dtype of every side (default: bfloat16; use float32 on CPU)")
+    parser.add_argument("--torch-dtype", choices=["float32", "bfloat16"],
+                        help="PyTorch's dtype when it should differ from --dtype (e.g. MLX float32 on CPU vs "
+                             "PyTorch's faster bf16 CPU kernels)")
     parser.add_argument("--frames", type=int, default=3, help="timed frames (the fastest is reported)")
     parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu", help="where PyTorch runs")
     parser.add_argument("--torch-compile", default=None, choices=["none", "default", "reduce-overhead", "max-autotune"],
@@ -297,6 +303,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, help="also write all results to this JSON file")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    args.torch_dtype = args.torch_dtype or args.dtype
     if args.torch_compile is None:
         args.torch_compile = "reduce-overhead" if args.torch_device == "cuda" else "none"
     return args

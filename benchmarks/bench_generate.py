@@ -11,7 +11,7 @@ Measures, in one process on one device (MLX's default device unless ``--cpu``):
 
 The ratio speculative/non-speculative is measured in the same run. Random full-size weights
 (CSM-1B in ``--dtype``, Mimi in float32); the random model never stops early in practice.
-Run: ``python benchmarks/bench_generate.py [--frames 40] [--dtype bfloat16]``.
+Run: ``python benchmarks/bench_generate.py [--frames 40] [--dtype auto]``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import csm  # noqa: F401  (first: loads an installed OpenBLAS before mlx.core, s
 import mlx.core as mx
 import numpy as np
 
+from csm.backend import default_dtype
 from csm.codec import Mimi, MimiArgs
 from csm.config import FRAME_MS, FRAME_WIDTH, NUM_CODEBOOKS
 from csm.generation.frames import FrameSamplers, generate_frames
@@ -63,11 +64,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--prompt", type=int, default=200, help="prompt rows (text tokens)")
-    parser.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default="bfloat16")
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32", "float16"], default="auto",
+                        help="CSM dtype (auto: float32 on MLX's CPU backend, bfloat16 on a GPU)")
     parser.add_argument("--cpu", action="store_true", help="run MLX on the CPU")
     args = parser.parse_args()
     if args.cpu:
         mx.set_default_device(mx.cpu)
+    if args.dtype == "auto":
+        args.dtype = default_dtype()
     model = build_csm(getattr(mx, args.dtype))
     mimi = build_mimi()
     rng = np.random.default_rng(0)

@@ -64,7 +64,9 @@ def build_moshi(seed: int):
         for name, buffer in ref.named_buffers():
             if name.endswith("embedding_sum"):
                 buffer.normal_()
-    weights = {k: torch_to_mlx(v) for k, v in ref.state_dict().items()}
+    # moshi >= 0.2 names (out_projs.0 / in_projs.0) -> the released checkpoint's names
+    rename = lambda k: k.replace("out_projs.0.", "out_proj.").replace("in_projs.0.weight", "in_proj_weight")  # noqa: E731
+    weights = {rename(k): torch_to_mlx(v) for k, v in ref.state_dict().items()}
     return ref, mimi_from_weights(weights, None, 32, source="random moshi")
 
 

@@ -141,7 +141,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     try:
-        import mlx_audio
+        import mlx_audio  # noqa: F401
     except ImportError:
         raise SystemExit('mlx-audio is not installed: pip install "csm-mlx[bench]" (or --no-deps mlx-audio)') from None
     from importlib.metadata import version

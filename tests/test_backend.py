@@ -15,7 +15,7 @@ from csm.backend import ENV_VAR, choose_blas, default_dtype  # noqa: E402
 from csm.cli.generate_mlx import build_parser  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
 
-PTHREAD = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+PTHREAD = "/usr/lib/x86_64-linux-gnu/blis-pthread/libblas.so.3"
 OPENMP = "/usr/lib/x86_64-linux-gnu/openblas-openmp/libblas.so.3"
 
 

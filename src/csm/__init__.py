@@ -18,9 +18,9 @@ import os
 # trade float32 precision for speed.
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
-# Linux CPU: the mlx[cpu] wheel's bundled reference BLAS runs float32 GEMM ~50x slower than an
-# installed OpenBLAS; load that globally before mlx.core is imported so MLX's matmuls use it
-# (CSM_MLX_BLAS=reference turns this off; see csm.backend).
+# Linux CPU: the mlx[cpu] wheel's bundled reference BLAS runs float32 matmuls ~10-50x slower than
+# an installed BLIS or OpenBLAS; load that globally before mlx.core is imported so MLX's matmuls
+# use it (CSM_MLX_BLAS=reference turns this off; see csm.backend).
 from .backend import use_fast_blas  # noqa: E402
 
 use_fast_blas()
