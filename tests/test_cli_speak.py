@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+import csm.audio.io as audio_io
+
 pytest.importorskip("torch")
 
 from csm.cli.generate_mlx import main  # noqa: E402
@@ -104,7 +106,8 @@ def test_format_overrides_the_suffix(model_dir, tmp_path):
     assert speak(model_dir, wav, "--text", "Hi.", "--seed", "2", "--format", "wav") == 0
     assert sf.info(str(flac)).format == "FLAC" and sf.info(str(wav)).format == "WAV"
     a, b = (sf.read(str(f), dtype="int16")[0].astype(int) for f in (flac, wav))
-    assert a.shape == b.shape and np.abs(a - b).max() <= 1  # libsndfile: FLAC rounds, WAV floors
+    np.testing.assert_array_equal(a, b)  # csm rounds to 16 bits itself: both formats hold the same samples
+    assert oct(wav.stat().st_mode & 0o777) == oct(0o666 & ~audio_io._UMASK)  # not mkstemp's 0600
 
 
 def test_printed_random_seed_repeats_the_audio(model_dir, tmp_path, capsys):

@@ -21,6 +21,9 @@ from ..config import SAMPLE_RATE
 
 logger = logging.getLogger(__name__)
 
+#: The process's file-creation mask, read once (reading it means setting it).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 #: Output containers we write (soundfile format names).
 FORMATS = {"wav": "WAV", "flac": "FLAC"}
 
@@ -106,12 +109,15 @@ class AudioWriter:
         return self
 
     def write(self, pcm: np.ndarray) -> None:
-        """Append float PCM (clipped to [-1, 1])."""
-        self._file.write(np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0))
+        """Append float PCM (clipped to [-1, 1], rounded to 16 bits here: libsndfile floors for WAV
+        but rounds for FLAC, so the same audio would get other samples in each)."""
+        pcm = np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0)
+        self._file.write(np.rint(pcm * 32767.0).astype(np.int16))
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self._file.close()
         if exc_type is None:
+            os.chmod(self._tmp, 0o666 & ~_UMASK)  # mkstemp made it 0600; give the file the usual mode
             os.replace(self._tmp, self.path)
         else:
             self._tmp.unlink(missing_ok=True)
