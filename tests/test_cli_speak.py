@@ -164,9 +164,9 @@ def test_watermark_skipped_without_silentcipher(model_dir, tmp_path, monkeypatch
     assert plain.read_bytes() == skipped.read_bytes()
 
 
-def test_watermark_applied_to_files_not_streams(model_dir, tmp_path, monkeypatch):
+def test_watermark_applied_to_files_not_streams(model_dir, tmp_path, monkeypatch, caplog):
     """A stand-in silentcipher (halves the audio) is applied with the official key at 44.1 kHz to a
-    whole file; a streamed file is left unwatermarked."""
+    whole file; a streamed file is left unwatermarked, and the log says so (unless --no-watermark)."""
     import types
 
     calls = []
@@ -186,6 +186,7 @@ def test_watermark_applied_to_files_not_streams(model_dir, tmp_path, monkeypatch
         assert main(["--model", str(model_dir), "--output", str(outputs[name]), *fast, "--text", "Hi.",
                      "--torch-seed", "4", *extra]) == 0  # fmt: skip
     assert calls == [(CAP_FRAMES * SAMPLES_PER_FRAME * 44_100 // SAMPLE_RATE, 44_100, [212, 211, 146, 56, 201])]
+    assert len([r for r in caplog.records if "streamed audio is not watermarked" in r.getMessage()]) == 1
     plain, marked = (sf.read(str(outputs[n]))[0] for n in ("plain", "marked"))
     assert plain.shape == marked.shape
     from csm.audio.io import resample

@@ -236,6 +236,8 @@ def stream_to_file(speaker, turns, context, options, args, audio_format) -> np.n
     The chunks go to a temporary file that is renamed to ``--output`` only when complete.
     Streamed audio is not watermarked (the watermark needs the whole signal).
     """
+    if not args.no_watermark:
+        logger.warning("streamed audio is not watermarked (the watermark needs the whole signal)")
     player = _player() if args.play else None
     progress = _progress(args)
     written, current = [], 0
