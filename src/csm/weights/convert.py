@@ -80,11 +80,23 @@ def convert_csm(
         check_quantization(bits, group_size)  # before the slow load
     model = load_csm(source, dtype=dtype)
     quantization = quantize_csm(model, bits=bits, group_size=group_size) if bits else None
+    return save_model_folder(model, out_dir, source=Path(source), dtype=dtype, quantization=quantization)
+
+
+def save_model_folder(
+    model, out_dir: str | Path, *, source: Path | None, dtype: str, quantization: dict | None = None
+) -> Path:
+    """Write ``model.safetensors`` (the original checkpoint names) + ``config.json``, read back by
+    :func:`csm.models.load_csm`, plus the tokenizer and embedded Mimi of ``source`` when it has them.
+
+    Returns:
+        ``out_dir`` as a Path; every file is written atomically.
+    """
     weights = model.checkpoint_weights()
     config = {"model_type": MLX_MODEL_TYPE, "args": model.args.to_dict(), "dtype": dtype, "quantization": quantization}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    codec_config = _copy_companions(Path(source), out_dir)
+    codec_config = _copy_companions(source, out_dir) if source is not None else None
     if codec_config is not None:
         config["codec_config"] = codec_config
     _write_atomically(out_dir / "model.safetensors", lambda tmp: mx.save_safetensors(str(tmp), weights))
