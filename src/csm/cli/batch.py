@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .generate_mlx import USER_ERRORS
 from .serve import add_model_args, load_generator
-from .signals import sigterm_as_interrupt
+from .signals import run_main
 
 logger = logging.getLogger("csm")
 
@@ -95,15 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the batch job; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        with sigterm_as_interrupt():
-            return run(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: finished items are in the manifest; rerun to resume", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args), USER_ERRORS, "finished items are in the manifest; rerun to resume")
 
 
 if __name__ == "__main__":

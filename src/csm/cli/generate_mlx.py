@@ -21,7 +21,7 @@ from ..config import FRAME_RATE, SAMPLE_RATE
 from ..prompt import Segment
 from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, is_repo_id
 from ..weights.io import WeightsError
-from .signals import sigterm_as_interrupt
+from .signals import run_main
 
 logger = logging.getLogger("csm")
 
@@ -285,15 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(levelname)s: %(message)s")
-    try:
-        with sigterm_as_interrupt():  # kill cleans up like Ctrl-C: no .part file left
-            return run(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted: no output written", file=sys.stderr)
-        return 130
+    return run_main(lambda: run(args), USER_ERRORS, "no output written")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 
 def _interrupt(signum, frame) -> None:
@@ -23,3 +24,17 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def run_main(run: Callable[[], int], errors: tuple[type[BaseException], ...], interrupted: str) -> int:
+    """Run a command's body: one ``error:`` line and status 1 for ``errors``, status 130 on Ctrl-C
+    or SIGTERM (with the ``interrupted`` line); otherwise the body's status."""
+    try:
+        with sigterm_as_interrupt():  # kill cleans up like Ctrl-C: no temporary file left
+            return run()
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted: {interrupted}", file=sys.stderr)
+        return 130
