@@ -133,3 +133,27 @@ def test_prefix_reuse_trims_to_the_common_prefix(model):
     list(generate_frames(model, *other, FrameSamplers(temperature=0, topk=5, key=mx.random.key(0)),
                          max_frames=1, prompt_cache=cache))
     assert cache.prefilled[-1] == len(p1[0])
+
+
+def test_prefix_reuse_with_build_ahead_across_end_frames(tmp_path):
+    """The seed path builds a frame ahead, so a turn that ends has fed its end frame (= the next
+    prompt's end-of-audio row) and computed one frame more: a 3-turn conversation of a model whose
+    turns end must give the codes of the same loop re-prefilling every turn from scratch."""
+    import csm
+    from csm.generation import Turn
+    from csm.prompt import Segment, build_prompt
+    from tiny_checkpoint import write_model_dir
+
+    write_model_dir(tmp_path, seed=3, turns_end=True)
+    speaker = csm.load(str(tmp_path), dtype="float32")
+    turns = [Turn(0, "Hello there!"), Turn(1, "Hi, how are you?"), Turn(0, "Fine, thanks.")]
+    cap = 20
+    result = speaker.synthesize(turns, seed=0, max_audio_length_ms=cap * 80)  # turns of 8, 15, 3 frames
+    assert all(0 < c.shape[1] < cap for c in result.codes)  # every turn ended by its end frame
+    samplers = FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
+    history = []
+    for turn, codes in zip(turns, result.codes):
+        tokens, mask = build_prompt(speaker.tokenizer, history, turn.speaker, turn.text)
+        frames = [f[0] for f in generate_frames(speaker.model, tokens, mask, samplers, max_frames=cap)]
+        np.testing.assert_array_equal(np.stack(frames, axis=1), codes)
+        history.append(Segment(turn.speaker, turn.text, codes=codes))
