@@ -44,7 +44,9 @@ def filter_topk(logits: mx.array, topk: int) -> mx.array:
     """
     if topk >= logits.shape[-1]:
         return logits
-    kth = mx.min(mx.topk(logits, topk, axis=-1), axis=-1, keepdims=True)
+    vocab = logits.shape[-1]
+    # The k-th largest value, by one partition (mx.topk is a partition, a slice and then a min).
+    kth = mx.partition(logits, vocab - topk, axis=-1)[..., vocab - topk : vocab - topk + 1]
     return mx.where(logits < kth, mx.array(-mx.inf, logits.dtype), logits)
 
 
