@@ -9,6 +9,7 @@ import sys
 from ..weights.convert import QUANT_BITS, convert_csm
 from ..weights.hub import ModelNotAvailable, resolve_repo
 from ..weights.io import WeightsError
+from .signals import run_main
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -28,14 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     """Run the conversion; returns 0, or 1 with a one-line message on a bad checkpoint or option."""
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+
+    def run() -> int:
         source = resolve_repo(args.source)
-        out = convert_csm(source, args.out_dir, dtype=args.dtype, bits=args.quantize, group_size=args.group_size)
-    except (WeightsError, ValueError, ModelNotAvailable) as err:
-        print(f"csm-mlx convert: {err}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+        print(convert_csm(source, args.out_dir, dtype=args.dtype, bits=args.quantize, group_size=args.group_size))
+        return 0
+
+    errors = (WeightsError, ValueError, ModelNotAvailable)
+    return run_main(run, errors, "no output written", prefix="csm-mlx convert")
 
 
 if __name__ == "__main__":

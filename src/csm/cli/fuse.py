@@ -10,6 +10,7 @@ from pathlib import Path
 from ..training.fuse import fuse_adapters
 from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, resolve_repo
 from ..weights.io import WeightsError
+from .signals import run_main
 
 
 def setup_arg_parser() -> argparse.ArgumentParser:
@@ -26,13 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     """Fuse; returns 0, or 1 with one line on bad input."""
     args = setup_arg_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        out = fuse_adapters(resolve_repo(args.model), args.adapter, args.out_dir, dtype=args.dtype)
-    except (WeightsError, ValueError, ModelNotAvailable, OSError) as err:
-        print(f"csm-mlx fuse: {err}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
+
+    def run() -> int:
+        print(fuse_adapters(resolve_repo(args.model), args.adapter, args.out_dir, dtype=args.dtype))
+        return 0
+
+    errors = (WeightsError, ValueError, ModelNotAvailable, OSError)
+    return run_main(run, errors, "no output written", prefix="csm-mlx fuse")
 
 
 if __name__ == "__main__":

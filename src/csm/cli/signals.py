@@ -26,14 +26,16 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def run_main(run: Callable[[], int], errors: tuple[type[BaseException], ...], interrupted: str) -> int:
-    """Run a command's body: one ``error:`` line and status 1 for ``errors``, status 130 on Ctrl-C
-    or SIGTERM (with the ``interrupted`` line); otherwise the body's status."""
+def run_main(
+    run: Callable[[], int], errors: tuple[type[BaseException], ...], interrupted: str, *, prefix: str = "error"
+) -> int:
+    """Run a command's body: one ``{prefix}: message`` line and status 1 for ``errors``, status 130
+    on Ctrl-C or SIGTERM (with the ``interrupted`` line); otherwise the body's status."""
     try:
         with sigterm_as_interrupt():  # kill cleans up like Ctrl-C: no temporary file left
             return run()
     except errors as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{prefix}: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"interrupted: {interrupted}", file=sys.stderr)
