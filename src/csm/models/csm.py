@@ -174,11 +174,11 @@ class CSM(nn.Module):
 
         Per thread: a trace holds the thread's MLX streams, which another thread cannot run.
         """
-        frames = self.__dict__.setdefault("_compiled_frames", {})  # a plain attribute, not a parameter
-        key = (draw, threading.get_ident())
-        if key not in frames:
-            frames[key] = CompiledFrame(self, draw)
-        return frames[key]
+        per_thread = self.__dict__.setdefault("_compiled_frames", threading.local())  # not a parameter
+        frames = per_thread.__dict__.setdefault("frames", {})  # freed with its thread
+        if draw not in frames:
+            frames[draw] = CompiledFrame(self, draw)
+        return frames[draw]
 
     def generate_frame(self, tokens: mx.array, mask: mx.array, cache: FrameCache, sampler: Sampler) -> mx.array:
         """One audio frame: backbone over ``tokens`` (prompt or last frame), then all 32 codebooks.
