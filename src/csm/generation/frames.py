@@ -18,6 +18,7 @@ import numpy as np
 from ..config import FRAME_WIDTH, NUM_CODEBOOKS
 from ..models import Sampler
 from ..models.frame_step import Draw
+from ..prompt import audio_rows
 from ..sampling import TorchCompatibleGenerator, exponential_noise, sample_topk
 
 
@@ -130,10 +131,7 @@ class PromptCache:
         limit = min(len(self.tokens), len(tokens) - 1)
         same = (self.tokens[:limit] == tokens[:limit]).all(axis=1) & (self.mask[:limit] == mask[:limit]).all(axis=1)
         common = int(np.argmin(same)) if not same.all() else limit
-        if common == 0:
-            self.frames.reset()
-        else:
-            self.frames.trim(common)
+        self.frames.trim(common)  # 0: empty, and the next prefill sets the row's start again
         self.tokens, self.mask = self.tokens[:common], self.mask[:common]
         self.prefilled.append(len(tokens) - common)
         return common
@@ -208,6 +206,6 @@ def generate_frames(
             yield frame
             codes = upcoming if upcoming is not None or not more else feed(codes)
     finally:
-        if prompt_cache is not None:
-            for codes in fed:  # every fed frame was read already: no new device work
-                prompt_cache.append(*(np.array(a)[0] for a in next_frame_rows(codes)))
+        if prompt_cache is not None and fed:  # every fed frame was read already: cheap host reads
+            tokens, mask = audio_rows(np.stack([np.array(codes)[0] for codes in fed], axis=1))
+            prompt_cache.append(tokens[:-1], mask[:-1])  # the frame rows, without audio_rows' end row

@@ -10,6 +10,7 @@ split back into the checkpoint tensors by :func:`fuse_weights` / :func:`unfuse_w
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import re
@@ -96,6 +97,7 @@ def rope_inv_freq(head_dim: int, base: float, scaling: dict[str, float] | None) 
 
 #: fused parameter → the checkpoint tensors stacked along the output rows, in order.
 FUSED = {"attn.qkv_proj": ("attn.q_proj", "attn.k_proj", "attn.v_proj"), "mlp.w13": ("mlp.w1", "mlp.w3")}
+_FUSED_WHOLE = re.compile(r"^(.*\.layers\.\d+\.)(attn\.qkv_proj|mlp\.w13)\.(weight|scales|biases)$")
 _FUSED_PART = re.compile(r"^(.*\.layers\.\d+\.)(attn\.[qkv]_proj|mlp\.w[13])\.(weight|scales|biases)$")
 
 
@@ -130,7 +132,7 @@ def unfuse_weights(weights: Mapping[str, mx.array], args_of: Callable[[str], "Ll
     """
     out = {}
     for key, value in weights.items():
-        match = re.match(r"^(.*\.layers\.\d+\.)(attn\.qkv_proj|mlp\.w13)\.(weight|scales|biases)$", key)
+        match = _FUSED_WHOLE.match(key)
         if not match:
             out[key] = value
             continue
@@ -145,6 +147,12 @@ def unfuse_weights(weights: Mapping[str, mx.array], args_of: Callable[[str], "Ll
         for part, piece in zip(FUSED[fused], mx.split(value, bounds, axis=0)):
             out[f"{prefix}{part}.{suffix}"] = piece
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _shared_rotations(periods: bytes, length: int) -> mx.array:
+    """One table per distinct (periods, length): every layer of a stack uses the same array."""
+    return mx.array(rotation_table(np.frombuffer(periods, dtype=np.float32), length))
 
 
 def rotation_table(periods: np.ndarray, length: int) -> np.ndarray:
@@ -199,7 +207,8 @@ class Attention(nn.Module):
         self._periods = mx.array(1.0 / rope_inv_freq(hd, args.rope_base, args.rope_scaling))
         # CPU only: cos and sin per (position, pair), (positions, hd / 2, 2), from host data (a lazy
         # graph here would belong to the constructing thread's streams).
-        self._rotations = mx.array(rotation_table(np.array(self._periods), max(args.max_seq_len, 4096)))
+        periods = np.array(self._periods, dtype=np.float32).tobytes()
+        self._rotations = _shared_rotations(periods, max(args.max_seq_len, 4096))
 
     def _rope(self, x: mx.array, positions: int | mx.array) -> mx.array:
         if mx.default_device() == mx.cpu:
