@@ -31,12 +31,12 @@ import mlx.core as mx
 import numpy as np
 
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
-from ..models.frame_step import Draw as FrameDraw
+from ..models.frame_step import Draw
 from ..prompt import Segment, build_prompt
 from .frames import next_frame_rows
 from .generator import AudioChunk, Generator, Speech, Turn, random_seed
 from .jobs import Cancelled, Job, QueueFull, Request
-from .slots import Draw, grouped_sampler, place_prompt, row_noise, shift_rows
+from .slots import grouped_sampler, place_prompt, row_noise, shift_rows
 
 logger = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ class Engine:
                 f"prompt ({length} rows) + {request.max_frames} frames do not fit the engine's "
                 f"{self.cache_len}-position cache"
             )
-        draw = Draw(float(request.temperature), int(request.topk), bool(request.safety))
+        draw = Draw(topk=int(request.topk), temperature=float(request.temperature), safety=bool(request.safety))
         # All prompt rows but the last go in alone (batch 1, backbone only); the last one is this
         # row's input to the next shared step, which samples the first frame with the others.
         self._make_room(length - 1)
@@ -300,7 +300,7 @@ class Engine:
         if len(set(draws)) > 1 or not hasattr(self._model, "compiled_frame"):
             return self._model.generate_frame(*rows, self._cache, grouped_sampler(draws, noise))
         draw = draws[0]
-        compiled = self._model.compiled_frame(FrameDraw(topk=draw.topk, temperature=draw.temperature, safety=draw.safety))
+        compiled = self._model.compiled_frame(draw)
         return compiled(*rows, self._cache, None if draw.temperature == 0 else noise.transpose(1, 0, 2))
 
     def _inputs(self, codes: mx.array) -> tuple[mx.array, mx.array]:

@@ -11,7 +11,6 @@ row's start*, so they are identical wherever they sit, and moving every row by t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import mlx.core as mx
 import numpy as np
@@ -19,6 +18,7 @@ import numpy as np
 from ..config import NUM_CODEBOOKS
 from ..models import Sampler
 from ..models.cache import KVCache
+from ..models.frame_step import Draw
 from ..sampling import exponential_noise, sample_topk
 
 
@@ -62,15 +62,6 @@ def row_noise(keys: mx.array, vocab: int) -> tuple[mx.array, mx.array]:
     """
     keys, noise = mx.vmap(lambda k: _frame_noise(k, vocab))(keys)
     return keys, noise[:, :, 0, :]
-
-
-@dataclass(frozen=True)
-class Draw:
-    """One row's sampling settings."""
-
-    temperature: float
-    topk: int
-    safety: bool
 
 
 def grouped_sampler(draws: Sequence[Draw], noise: mx.array) -> Sampler:
