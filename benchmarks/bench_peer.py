@@ -89,6 +89,8 @@ def frame_loops(ours, peer) -> dict:
     from mlx_audio.lm.sample_utils import make_sampler
 
     from csm.generation.frames import FrameSamplers
+    from csm.models import fused
+    from csm.models.frame_step import CompiledFrame
     from csm.sampling import sample_topk
 
     tokens, mask = (mx.array(a) for a in prompt())
@@ -100,12 +102,22 @@ def frame_loops(ours, peer) -> dict:
     def our_frame(rows, cache):
         return compiled(*rows, cache, samplers.frame_noise(1, vocab, compiled.noise_dtype()))
 
+    # Where the fused CUDA layer kernels apply (csm.models.fused), also the compiled frame without them.
+    unfused = CompiledFrame(ours, samplers.draw) if fused.active() else None
+
+    def unfused_frame(rows, cache):
+        with fused.fused_kernels(False):  # traced (first calls) without the kernels
+            return unfused(*rows, cache, samplers.frame_noise(1, vocab, unfused.noise_dtype()))
+
     eager_sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
     peer_sampler = make_sampler(temp=TEMPERATURE, top_k=TOPK)
     caches = {"csm-mlx": ours.make_cache(1), "csm-mlx eager": ours.make_cache(1)}
     state = {"csm-mlx": our_frame((tokens, mask), caches["csm-mlx"]),
              "csm-mlx eager": ours.generate_frame(tokens, mask, caches["csm-mlx eager"], eager_sampler),
              "mlx-audio": peer.generate_frame(tokens, mask, mx.arange(PROMPT_LEN)[None], peer_sampler)}
+    if unfused is not None:
+        caches["csm-mlx unfused"] = ours.make_cache(1)
+        state["csm-mlx unfused"] = unfused_frame((tokens, mask), caches["csm-mlx unfused"])
     mx.eval(*state.values())
     position = [PROMPT_LEN]
 
@@ -127,7 +139,13 @@ def frame_loops(ours, peer) -> dict:
         mx.eval(state["mlx-audio"])
         position[0] += 1
 
-    return {"csm-mlx": ours_frame, "csm-mlx eager": eager_frame, "mlx-audio": peer_frame}
+    def unfused_loop():
+        name = "csm-mlx unfused"
+        state[name] = unfused_frame((row(state[name]), row_mask), caches[name])
+        mx.eval(state[name])
+
+    loops = {"csm-mlx": ours_frame, "csm-mlx eager": eager_frame, "mlx-audio": peer_frame}
+    return loops | ({"csm-mlx unfused": unfused_loop} if unfused is not None else {})
 
 
 def main(argv=None) -> int:

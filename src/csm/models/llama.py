@@ -22,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from . import fused
 from .cache import KVCache
 
 #: torchtune's llama3 scaling defaults (``llama3_2`` passes only ``scale_factor=32``).
@@ -287,8 +288,44 @@ class TransformerLayer(nn.Module):
     def __call__(
         self, x: mx.array, cache: KVCache | None, mask: mx.array | str | None, positions: int | mx.array
     ) -> mx.array:
+        if cache is not None and fused.applies(self, x):
+            return self._fused_step(x, cache, mask, positions)
         h = self.attn(self.sa_norm(x), cache, mask, positions, residual=x)
         return self.mlp(self.mlp_norm(h), residual=h)
+
+    def _fused_step(
+        self, x: mx.array, cache: KVCache, mask: mx.array | str | None, positions: int | mx.array
+    ) -> mx.array:
+        """The same step as :meth:`__call__` for one row (B, 1, D), in the kernels of :mod:`.fused`.
+
+        A short cache (the depth decoder's 32 positions) is attended inside the fused kernels; a
+        long one (the backbone) keeps MLX's cache write and attention.
+        """
+        attn, mlp = self.attn, self.mlp
+        B, _, D = x.shape
+        rows = x.reshape(B, D)
+        if isinstance(positions, int):
+            pos = mx.full((B,), positions, dtype=mx.int32)
+        else:
+            pos = mx.broadcast_to(positions.astype(mx.int32).reshape(-1), (B,))
+        qkv = (self.sa_norm.scale, self.sa_norm.eps, attn.qkv_proj.weight, attn._periods, pos)
+        heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        if type(cache) is KVCache and cache.max_len <= fused.MAX_ATTEND:
+            if cache.offset >= cache.max_len:
+                raise ValueError(f"KV cache holds {cache.max_len} positions; this step would need {cache.offset + 1}")
+            slot = mx.array([cache.offset], dtype=mx.int32)
+            q, cache.keys, cache.values = fused.norm_qkv_rope(
+                rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
+            )
+            cache.offset += 1
+            h = fused.attend_out(q, cache.keys, cache.values, slot, attn.output_proj.weight, rows)
+        else:
+            q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
+            k, v = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=attn.head_dim**-0.5, mask=mask)
+            h = linear(attn.output_proj, out.reshape(B, 1, -1), residual=x).reshape(B, D)
+        gated = fused.norm_gate_up(h, self.mlp_norm.scale, self.mlp_norm.eps, mlp.w13.weight)
+        return fused.down(gated, mlp.w2.weight, h).reshape(B, 1, D)
 
 
 class Llama(nn.Module):

@@ -1,0 +1,72 @@
+"""Time to first audio in a warm process: prompt prefill + first frame + first streamed Mimi chunk.
+
+Full-size random weights (CSM-1B in ``--dtype``, Mimi float32), batch 1. After one warm-up
+request, requests arrive with prompt lengths in ``--lengths`` order; each is timed from the call
+to the first 80 ms of PCM on the host. A length seen before shows the warm cost; a new length
+shows what new shapes cost (kernel plans, graphs) on top. Also reported: the steady ms/frame of
+the same loop, for scale.
+
+Run: ``python benchmarks/bench_ttfa.py [--lengths 200 200 201 260 200] [--json F]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import csm  # noqa: F401  (first: loads an installed BLAS before mlx.core, see csm.backend)
+import mlx.core as mx
+import numpy as np
+
+from csm.backend import default_dtype
+from csm.generation.frames import FrameSamplers, generate_frames
+from csm.prompt import text_rows
+
+from bench_generate import build_csm, build_mimi
+
+
+def first_audio(model, mimi, length: int, seed: int, frames: int = 1) -> tuple[float, float]:
+    """(seconds to the first PCM chunk, seconds per later frame) for a ``length``-row prompt."""
+    tokens, mask = text_rows(np.random.default_rng(seed).integers(0, 128_000, length).tolist())
+    samplers = FrameSamplers(key=mx.random.key(seed), temperature=0.9, topk=50)
+    state = mimi.make_state(1)
+    start = time.perf_counter()
+    stamps = []
+    for codes in generate_frames(model, tokens, mask, samplers, max_frames=frames):
+        pcm = mimi.decode_step(mx.array(np.clip(codes, 0, 2047))[:, :, None], state)
+        np.asarray(pcm)  # on the host: what a player would get
+        stamps.append(time.perf_counter())
+    per_frame = (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+    return stamps[0] - start, per_frame
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[200, 200, 201, 260, 200, 333, 333])
+    parser.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default="auto")
+    parser.add_argument("--frames", type=int, default=10, help="frames per request (the first is what counts)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    dtype = default_dtype() if args.dtype == "auto" else args.dtype
+    model, mimi = build_csm(getattr(mx, dtype)), build_mimi()
+    first_audio(model, mimi, 50, seed=99, frames=3)  # warm-up: traces, kernels
+    rows = []
+    seen: set[int] = set()
+    for index, length in enumerate(args.lengths):
+        ttfa, per_frame = first_audio(model, mimi, length, seed=index, frames=args.frames)
+        rows.append({"prompt_rows": length, "new_length": length not in seen, "ttfa_ms": round(ttfa * 1e3, 1),
+                     "ms_per_frame": round(per_frame * 1e3, 2)})
+        seen.add(length)
+        print(f"prompt {length:>5} rows ({'new' if rows[-1]['new_length'] else 'seen'} length): "
+              f"first audio {rows[-1]['ttfa_ms']:>7.1f} ms, then {rows[-1]['ms_per_frame']:.1f} ms/frame", flush=True)
+    report = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__,
+              "dtype": dtype, "requests": rows}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Fused CUDA kernels for one-row transformer steps (MLX's CUDA backend only).
+
+A depth-decoder frame is 31 steps × 4 layers of tiny (B ≤ 8 rows) work, and on MLX's CUDA backend
+each primitive costs ~20 µs however little it computes: a layer step written with MLX ops is 11
+kernels (2 norms, 2 matmuls, RoPE, 2 cache writes, attention, 2 matmul-adds, SiLU·gate). Here the
+same step is 4 kernels, each a matrix-vector product with its neighbours folded in:
+
+1. ``norm_qkv_rope``: RMSNorm → q/k/v rows → RoPE, writing k and v into the cache at ``slot``
+   (the depth decoder's 32-position cache is copied along: 16 KB, cheaper than two more kernels);
+2. ``attend_out``: attention over positions ``0..slot`` (≤ 32, one lane each) → output projection
+   + residual;
+3. ``norm_gate_up``: RMSNorm → w1/w3 rows → ``silu(w1 x) * w3 x``;
+4. ``down``: w2 rows + residual.
+
+The backbone step (long cache) keeps MLX's cache write and attention and uses kernels 1 (without
+the cache), 3 and 4: 7 kernels a layer instead of 11.
+
+Every kernel rounds where the MLX ops round (matmul outputs, the normalised input, SiLU) and
+accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
+are used for half-precision weights only: float32, the dtype the parity tests run in, keeps the
+MLX ops (:data:`DTYPES`). Metal and the CPU always use the MLX ops; nothing here is compiled
+until a CUDA step asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from collections.abc import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+
+#: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring).
+DTYPES: set[mx.Dtype] = {mx.bfloat16, mx.float16}
+#: Most rows a fused step takes (beyond, MLX's batched matmuls win).
+MAX_ROWS = 8
+#: Longest cache the fused attention reads (one warp lane per position).
+MAX_ATTEND = 32
+#: Activations staged in shared memory, per block.
+_MAX_SHARED = 160 * 1024
+_THREADS = 256
+_WARPS = _THREADS // 32
+
+_enabled = os.environ.get("CSM_FUSED_KERNELS", "1") != "0"
+
+
+@contextlib.contextmanager
+def fused_kernels(enabled: bool) -> Iterator[None]:
+    """Turn the fused path on or off for the steps traced inside (tests and benchmarks compare both).
+
+    Compiled frames keep what they were traced with: build a new one inside the block.
+    """
+    global _enabled
+    previous, _enabled = _enabled, enabled
+    try:
+        yield
+    finally:
+        _enabled = previous
+
+
+@functools.cache
+def _cuda() -> bool:
+    return mx.cuda.is_available()
+
+
+def active() -> bool:
+    """Whether steps traced now may use the fused kernels (enabled, default device a CUDA GPU)."""
+    return _enabled and mx.default_device() == mx.gpu and _cuda()
+
+
+_HEADER = r"""
+template <typename T> __device__ __forceinline__ float f32(T x) { return static_cast<float>(x); }
+template <> __device__ __forceinline__ float f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> __device__ __forceinline__ float f32<__half>(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T to(float x) { return static_cast<T>(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 to<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half to<__half>(float x) { return __float2half(x); }
+// A value the MLX ops would store in T (a matmul output, the normalised input) before using it.
+template <typename T> __device__ __forceinline__ float rnd(float x) { return f32<T>(to<T>(x)); }
+
+template <typename T> struct alignas(16) Pack { T v[16 / sizeof(T)]; };
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Copy rows x (B, K) into shared xs; with NORM, RMS-normalise and scale them as mx.fast.rms_norm
+// does (normalised value rounded to T, times the scale in T).
+template <typename T, int B, int K, bool NORM>
+__device__ void stage_rows(const T* __restrict__ x, const T* __restrict__ scale, float eps, T* xs, float* inv_rms) {
+  for (int i = threadIdx.x; i < B * K; i += blockDim.x) xs[i] = x[i];
+  __syncthreads();
+  if (!NORM) return;
+  const int lane = threadIdx.x % 32;
+  for (int b = threadIdx.x / 32; b < B; b += blockDim.x / 32) {
+    float ss = 0.f;
+    for (int k = lane; k < K; k += 32) { const float v = f32<T>(xs[b * K + k]); ss += v * v; }
+    ss = warp_sum(ss);
+    if (lane == 0) inv_rms[b] = rsqrtf(ss / K + eps);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < B * K; i += blockDim.x) {
+    xs[i] = to<T>(f32<T>(scale[i % K]) * rnd<T>(f32<T>(xs[i]) * inv_rms[i / K]));
+  }
+  __syncthreads();
+}
+
+// acc[r][b] = W[rows[r], :] . xs[b, :] (K long), summed over the warp: 16-byte loads, float sums.
+template <typename T, int B, int K, int R>
+__device__ __forceinline__ void warp_dot(const T* __restrict__ w, const int (&rows)[R], const T* xs, float (&acc)[R][B]) {
+  constexpr int V = 16 / sizeof(T);
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
+  for (int k0 = lane * V; k0 < K; k0 += 32 * V) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const Pack<T> wv = *reinterpret_cast<const Pack<T>*>(w + (size_t)rows[r] * K + k0);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const Pack<T> xv = *reinterpret_cast<const Pack<T>*>(xs + b * K + k0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[r][b] += f32<T>(wv.v[i]) * f32<T>(xv.v[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
+}
+"""
+
+# Template constants every kernel gets: T (dtype), B (rows), and the shapes named per kernel.
+# EPS is a float: templates take ints only, so it is written into the source (one kernel per eps).
+
+_NORM_QKV_ROPE = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  __shared__ float inv_rms[B];
+  stage_rows<T, B, D, true>(x, scale, EPS, xs, inv_rms);
+  constexpr int QR = H * HD, KR = KV * HD, N = QR + 2 * KR;
+  const int s = slot[0];
+/*COPY*/
+  const int pair = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // rows 2 pair, 2 pair + 1: one RoPE pair
+  if (pair >= N / 2) return;
+  const int rows[2] = {2 * pair, 2 * pair + 1};
+  float acc[2][B];
+  warp_dot<T, B, D, 2>(w, rows, xs, acc);
+  if (threadIdx.x % 32 != 0) return;
+  const int n = rows[0];
+  const float inv_freq = 1.0 / periods[(n % HD) / 2];
+  for (int b = 0; b < B; ++b) {
+    float x0 = rnd<T>(acc[0][b]), x1 = rnd<T>(acc[1][b]);
+    if (n < QR + KR) {  // q and k rotate (interleaved pairs), v does not
+      const float theta = static_cast<float>(pos[b]) * inv_freq;
+      const float c = cosf(theta), sn = sinf(theta);
+      const float y0 = x0 * c - x1 * sn, y1 = x0 * sn + x1 * c;
+      x0 = y0; x1 = y1;
+    }
+    T* dst;
+    if (n < QR) dst = q + b * QR + n;
+    else if (n < QR + KR) dst = k_out + ((size_t)(b * KV + (n - QR) / HD) * S + s) * HD + (n - QR) % HD;
+    else dst = v_out + ((size_t)(b * KV + (n - QR - KR) / HD) * S + s) * HD + (n - QR - KR) % HD;
+    dst[0] = to<T>(x0);
+    dst[1] = to<T>(x1);
+  }
+"""
+
+# With a cache: the rest of it comes along unchanged (its slot row is the new k, v).
+_COPY_CACHE = r"""
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < B * KV * S * HD; i += gridDim.x * blockDim.x) {
+    if ((i / HD) % S != s) { k_out[i] = k_in[i]; v_out[i] = v_in[i]; }
+  }
+"""
+
+_ATTEND_OUT = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* att = reinterpret_cast<T*>(smem);  // (B, H * HD): every block recomputes the (tiny) attention
+  constexpr int G = H / KV, C = HD / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
+  const int visible = slot[0] + 1;
+  const float scale = rsqrtf(static_cast<float>(HD));
+  for (int bh = warp; bh < B * H; bh += nwarps) {
+    const int b = bh / H, h = bh % H;
+    const T* qv = q + (size_t)bh * HD;
+    const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
+    const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
+    float score = __int_as_float(0xff800000);  // -inf
+    if (lane < visible) {
+      float d = 0.f;
+      for (int i = 0; i < HD; ++i) d += f32<T>(qv[i]) * f32<T>(kb[lane * HD + i]);
+      score = d * scale;
+    }
+    const float p = lane < visible ? expf(score - warp_max(score)) : 0.f;
+    const float total = warp_sum(p);
+    float o[C];
+#pragma unroll
+    for (int j = 0; j < C; ++j) o[j] = 0.f;
+    for (int t = 0; t < visible; ++t) {
+      const float pt = __shfl_sync(0xffffffffu, p, t);
+#pragma unroll
+      for (int j = 0; j < C; ++j) o[j] += pt * f32<T>(vb[t * HD + lane + 32 * j]);
+    }
+#pragma unroll
+    for (int j = 0; j < C; ++j) att[b * H * HD + h * HD + lane + 32 * j] = to<T>(o[j] / total);
+  }
+  __syncthreads();
+  const int row = blockIdx.x * nwarps + warp;
+  if (row >= D) return;
+  const int rows[1] = {row};
+  float acc[1][B];
+  warp_dot<T, B, H * HD, 1>(w, rows, att, acc);
+  if (lane == 0) {
+    for (int b = 0; b < B; ++b) out[b * D + row] = to<T>(acc[0][b] + f32<T>(res[b * D + row]));
+  }
+"""
+
+_NORM_GATE_UP = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  __shared__ float inv_rms[B];
+  stage_rows<T, B, D, true>(x, scale, EPS, xs, inv_rms);
+  const int j = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // output column: w1 row j, w3 row I + j
+  if (j >= I) return;
+  const int rows[2] = {j, I + j};
+  float acc[2][B];
+  warp_dot<T, B, D, 2>(w, rows, xs, acc);
+  if (threadIdx.x % 32 != 0) return;
+  for (int b = 0; b < B; ++b) {
+    const float g = rnd<T>(acc[0][b]), u = rnd<T>(acc[1][b]);
+    const float silu = rnd<T>(g * rnd<T>(1.f / (1.f + expf(-g))));
+    out[b * I + j] = to<T>(silu * u);
+  }
+"""
+
+_DOWN = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  stage_rows<T, B, K, false>(x, x, 0.f, xs, nullptr);
+  const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  if (row >= D) return;
+  const int rows[1] = {row};
+  float acc[1][B];
+  warp_dot<T, B, K, 1>(w, rows, xs, acc);
+  if (threadIdx.x % 32 == 0) {
+    for (int b = 0; b < B; ++b) out[b * D + row] = to<T>(acc[0][b] + f32<T>(res[b * D + row]));
+  }
+"""
+
+
+@functools.cache
+def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, shared: int):
+    return mx.fast.cuda_kernel(
+        name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=_HEADER,
+        shared_memory=shared,
+    )
+
+
+def _launch(name, inputs, outputs, source, arrays, shapes, dtype, warps, template, shared):  # noqa: ANN001
+    kernel = _kernel(name, tuple(inputs), tuple(outputs), source, shared)
+    blocks = -(-warps // _WARPS)
+    return kernel(
+        inputs=arrays, template=[("T", dtype), *template], grid=(blocks * _THREADS, 1, 1),
+        threadgroup=(_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[dtype] * len(shapes),
+    )
+
+
+def _with_eps(source: str, eps: float) -> str:
+    return f"  constexpr float EPS = {float(eps)!r}f;\n" + source
+
+
+def norm_qkv_rope(x, scale, eps, w, periods, pos, heads, kv_heads, head_dim, cache=None, slot=None):  # noqa: ANN001
+    """RMSNorm(x) @ qkv^T, RoPE'd at ``pos`` (B,) int32: q (B, H, hd), and k, v.
+
+    With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` ((1,) int32) of
+    copies of the cache, returned in their place; without, k and v are (B, KV, 1, hd).
+    """
+    B, D = x.shape
+    copy = cache is not None
+    S = cache[0].shape[2] if copy else 1
+    if not copy:
+        slot = mx.zeros((1,), mx.int32)
+    inputs = ["x", "scale", "w", "periods", "pos", "slot"] + (["k_in", "v_in"] if copy else [])
+    arrays = [x, scale, w, periods, pos, slot] + (list(cache) if copy else [])
+    kv_shape = (B, kv_heads, S, head_dim)
+    template = [("B", B), ("D", D), ("H", heads), ("KV", kv_heads), ("HD", head_dim), ("S", S)]
+    source = _with_eps(_NORM_QKV_ROPE.replace("/*COPY*/", _COPY_CACHE if copy else ""), eps)
+    q, k, v = _launch(
+        "csm_norm_qkv_rope" + ("_cache" if copy else ""), inputs, ["q", "k_out", "v_out"], source, arrays,
+        [(B, heads, head_dim), kv_shape, kv_shape], x.dtype, w.shape[0] // 2, template,
+        B * D * x.dtype.size,
+    )
+    return q, k, v
+
+
+def attend_out(q, keys, values, slot, w, residual):  # noqa: ANN001
+    """Attention of q (B, H, hd) over cache positions ``0..slot``, then ``@ w^T + residual`` (B, D)."""
+    B, H, HD = q.shape
+    KV, S = keys.shape[1], keys.shape[2]
+    D = w.shape[0]
+    template = [("B", B), ("D", D), ("H", H), ("KV", KV), ("HD", HD), ("S", S)]
+    (out,) = _launch(
+        "csm_attend_out", ["q", "k", "v", "slot", "w", "res"], ["out"], _ATTEND_OUT,
+        [q, keys, values, slot, w, residual], [(B, D)], q.dtype, D, template, B * H * HD * q.dtype.size,
+    )
+    return out
+
+
+def norm_gate_up(x, scale, eps, w13):  # noqa: ANN001
+    """``silu(RMSNorm(x) @ w1^T) * (RMSNorm(x) @ w3^T)``: (B, I)."""
+    B, D = x.shape
+    inter = w13.shape[0] // 2
+    (out,) = _launch(
+        "csm_norm_gate_up", ["x", "scale", "w"], ["out"], _with_eps(_NORM_GATE_UP, eps), [x, scale, w13],
+        [(B, inter)], x.dtype, inter, [("B", B), ("D", D), ("I", inter)], B * D * x.dtype.size,
+    )
+    return out
+
+
+def down(x, w, residual):  # noqa: ANN001
+    """``x @ w^T + residual``: (B, D)."""
+    B, K = x.shape
+    D = w.shape[0]
+    (out,) = _launch(
+        "csm_down", ["x", "w", "res"], ["out"], _DOWN, [x, w, residual], [(B, D)], x.dtype, D,
+        [("B", B), ("K", K), ("D", D)], B * K * x.dtype.size,
+    )
+    return out
+
+
+def _plain(layer: nn.Module) -> bool:
+    return type(layer) is nn.Linear and "bias" not in layer
+
+
+def applies(layer, x: mx.array) -> bool:  # noqa: ANN001
+    """Whether ``layer`` (a :class:`~.llama.TransformerLayer`) can take one-row step ``x`` (B, 1, D) fused."""
+    if not active() or x.ndim != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype not in DTYPES:
+        return False
+    attn, mlp = layer.attn, layer.mlp
+    if not all(_plain(m) for m in (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)):
+        return False  # quantized or adapter-wrapped projections take the MLX ops
+    if any(m.weight.dtype != x.dtype for m in (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)):
+        return False
+    B, D = x.shape[0], x.shape[2]
+    widths = (D, attn.num_heads * attn.head_dim, mlp.w2.weight.shape[1])
+    if any(k % (32 * 16 // x.dtype.size) for k in widths) or attn.head_dim % 32:
+        return False
+    return max(widths) * B * x.dtype.size <= _MAX_SHARED
