@@ -203,7 +203,8 @@ _ATTEND_OUT = r"""
       for (int i = 0; i < HD; ++i) d += f32<T>(qv[i]) * f32<T>(kb[lane * HD + i]);
       score = d * scale;
     }
-    const float p = lane < visible ? expf(score - warp_max(score)) : 0.f;
+    const float top = warp_max(score);  // every lane takes part in the shuffles
+    const float p = lane < visible ? expf(score - top) : 0.f;
     const float total = warp_sum(p);
     float o[C];
 #pragma unroll
