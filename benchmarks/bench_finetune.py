@@ -110,7 +110,8 @@ def main() -> None:
                 print(f"{mode} {dtype}: failed ({done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
                 continue
             r = json.loads(done.stdout.strip().splitlines()[-1])
-            print(f"{args.size} {mode:4} {dtype:8} batch {r['batch']} rows {r['rows']}: trainable {r['trainable_M']:.1f} M, "
+            print(f"{args.size} {mode:4} {dtype:8} batch {r['batch']} rows {r['rows']}: "
+                  f"trainable {r['trainable_M']:.1f} M, "
                   f"first step {r['first_step_s']:.1f} s, step {r['step_s']:.1f} s (CPU {r['step_cpu_s']:.1f} s), "
                   f"{r['samples_per_s']:.3f} samples/s, "
                   f"MLX peak {r['mlx_peak_gb']:.1f} GB, RSS peak {r['rss_peak_gb']:.1f} GB (build {r['build_s']:.0f} s)")
