@@ -2,8 +2,10 @@
 
 Starts ``csm-mlx serve`` (a subprocess on 127.0.0.1) and sends ``--requests`` requests of
 ``--max-ms`` audio at each concurrency level; concurrency 1 is the baseline in the same run, so
-the other levels are reported as ratios to it. ``--tiny`` writes the tests' tiny random model
-(needs torch and transformers) instead of ``--model``.
+the other levels are reported as ratios to it. ``--model`` is any folder ``csm.load`` reads (offline:
+one written by ``random_weights.py --model-folder``); ``--tiny`` writes the tests' tiny random
+model (needs torch and transformers) instead. ``--dtype auto`` (default) is the server's compute
+dtype for this machine: bfloat16 on a GPU, float32 on MLX's CPU backend.
 Run: ``python benchmarks/bench_serve.py --tiny [--levels 1 8 32] [--slots 8]``.
 """
 
@@ -64,7 +66,8 @@ def level(url: str, clients: int, requests: int, max_ms: int) -> dict:
     def one(i: int) -> float:
         body = {"input": TEXTS[i % len(TEXTS)], "seed": i, "max_audio_length_ms": max_ms, "response_format": "pcm"}
         response = httpx.post(url + "/v1/audio/speech", json=body, timeout=600)
-        response.raise_for_status()
+        if response.is_error:  # the server's message says why (bad model folder, limits, ...)
+            raise RuntimeError(f"request {i}: HTTP {response.status_code}: {response.text}")
         return len(response.content) / 2 / 24_000
 
     started = time.perf_counter()
@@ -79,12 +82,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--tiny", action="store_true", help="use the tests' tiny random model")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=32, help="requests per level")
     parser.add_argument("--max-ms", type=int, default=800, help="audio per request")
     args = parser.parse_args()
+    if args.dtype == "auto":
+        from csm.backend import default_dtype
+
+        args.dtype = default_dtype()
     with tempfile.TemporaryDirectory() as tmp:
         model = resolve_model(args.model, args.tiny, Path(tmp))
         proc, url = start_server(model, args.slots, args.dtype, max_queue=max(args.levels) + 8)

@@ -4,7 +4,9 @@ Row noise depends on the row's own seed only, so any difference comes from the l
 matmuls round differently from batch-1 ones. Once one token differs the rows diverge, so both
 the fraction of differing tokens and the fraction of requests that are identical are reported,
 for bfloat16 and float32, with ``--slots`` requests sharing the batch.
-Run: ``python benchmarks/engine_agreement.py --tiny [--requests 16]`` (or ``--model PATH``).
+Run: ``python benchmarks/engine_agreement.py --tiny [--requests 16]`` (or ``--model PATH``, e.g. a
+folder written offline by ``random_weights.py --model-folder``; ``--dtypes float32`` on a CPU,
+where bfloat16 matmuls are ~30x slower).
 """
 
 from __future__ import annotations
@@ -53,10 +55,11 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-ms", type=int, default=1600)
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=["bfloat16", "float32"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         model = resolve_model(args.model, args.tiny, Path(tmp))
-        rows = [compare(model, dtype, args.requests, args.slots, args.max_ms) for dtype in ("bfloat16", "float32")]
+        rows = [compare(model, dtype, args.requests, args.slots, args.max_ms) for dtype in args.dtypes]
     print(json.dumps(rows, indent=1))
 
 

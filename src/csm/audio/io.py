@@ -12,6 +12,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -44,16 +45,36 @@ def read_audio(path: str | Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise AudioError(f"audio file not found: {path}")
+    return decode_audio(str(path), sample_rate, name=f"audio file {path}")
+
+
+def decode_audio(file: str | BinaryIO, sample_rate: int = SAMPLE_RATE, *, name: str = "audio") -> np.ndarray:
+    """:func:`read_audio` for an open binary file (e.g. a dataset's embedded bytes) or a path.
+
+    ``name`` is what error messages call the audio.
+
+    Raises:
+        AudioError: unreadable or empty.
+    """
     try:
-        pcm, file_rate = sf.read(str(path), dtype="float32", always_2d=True)
+        pcm, file_rate = sf.read(file, dtype="float32", always_2d=True)
     except Exception as err:  # soundfile raises LibsndfileError / RuntimeError
-        raise AudioError(f"cannot read audio file {path}: {err}") from None
+        raise AudioError(f"cannot read {name}: {err}") from None
+    return to_mono(pcm, file_rate, sample_rate, name=name)
+
+
+def to_mono(pcm: np.ndarray, from_rate: int, sample_rate: int = SAMPLE_RATE, *, name: str = "audio") -> np.ndarray:
+    """Samples ``(N, channels)`` at ``from_rate`` -> float32 mono at ``sample_rate`` (channels averaged).
+
+    Raises:
+        AudioError: no samples, or a non-positive rate.
+    """
     if pcm.shape[0] == 0:
-        raise AudioError(f"audio file {path} is empty")
+        raise AudioError(f"{name} is empty")
     mono = pcm.mean(axis=1) if pcm.shape[1] > 1 else pcm[:, 0]
     if pcm.shape[1] > 1:
-        logger.info("downmixed %d channels of %s to mono", pcm.shape[1], path)
-    return resample(mono, file_rate, sample_rate)
+        logger.info("downmixed %d channels of %s to mono", pcm.shape[1], name)
+    return resample(mono, from_rate, sample_rate)
 
 
 def resample(pcm: np.ndarray, from_rate: int, to_rate: int = SAMPLE_RATE) -> np.ndarray:

@@ -1,8 +1,10 @@
 """``csm-mlx finetune``: LoRA (default) or full fine-tuning of CSM on your own recordings.
 
 Data: a folder of ``*.wav`` + ``*.txt`` (speaker from ``name.speaker``, ``speakers.json`` or
-``--speaker``) or a ``.jsonl`` manifest (``audio``, ``text``, ``speaker``, optional
-``conversation``). Outputs in ``--output``: ``adapters.safetensors`` + ``adapter_config.json``
+``--speaker``), a ``.jsonl`` manifest (``audio``, ``text``, ``speaker``, optional
+``conversation``), or a Hugging Face dataset folder (``Dataset.save_to_disk`` or an
+``audiofolder`` with ``metadata.csv``; columns ``audio``, ``text``, optional ``speaker``;
+``pip install 'csm-mlx[datasets]'``). Outputs in ``--output``: ``adapters.safetensors`` + ``adapter_config.json``
 (LoRA) or a model folder (``--full``), ``metrics.csv``, ``loss.png`` and ``checkpoints/``.
 Ctrl-C or SIGTERM saves a checkpoint and exits (status 130 / 143); ``--resume`` continues it.
 """
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ..audio import AudioError
+from ..training.dataset import Columns
 from ..training.finetune import DataConfig, FinetuneConfig, finetune
 from ..training.lora import DEFAULT_TARGETS, LoRAConfig
 from ..training.loss import DECODER_FRACTION
@@ -27,7 +30,7 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     """Options of ``csm-mlx finetune``."""
     p = argparse.ArgumentParser(prog="csm-mlx finetune", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", type=Path, help="folder of .wav + .txt, or a .jsonl manifest")
+    p.add_argument("data", type=Path, help="folder of .wav + .txt, a .jsonl manifest, or a Hugging Face dataset folder")
     p.add_argument("--output", "-o", type=Path, required=True, help="output folder")
     p.add_argument("--model", default=DEFAULT_MODEL, help="base weights: hub repo id or local path")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="training dtype")
@@ -38,9 +41,14 @@ def setup_arg_parser() -> argparse.ArgumentParser:
     d.add_argument("--context-turns", type=int, default=0, help="earlier turns of a conversation given as context")
     d.add_argument("--score-context", action="store_true", help="also score the context turns' audio")
     d.add_argument("--max-len", type=int, default=2048, help="rows per sample (context dropped, then sample dropped)")
-    d.add_argument("--val-data", type=Path, help="validation folder or manifest")
+    d.add_argument("--val-data", type=Path, help="validation folder, manifest or dataset")
     d.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction as validation")
     d.add_argument("--cache-dir", type=Path, help="Mimi code cache (default OUTPUT/mimi_cache)")
+    h = p.add_argument_group("Hugging Face dataset")
+    h.add_argument("--audio-column", default=Columns.audio, help="audio column (Audio feature, array + rate, or path)")
+    h.add_argument("--text-column", default=Columns.text, help="transcript column")
+    h.add_argument("--speaker-column", default=Columns.speaker, help="speaker id column (optional: else --speaker)")
+    h.add_argument("--split", default="train", help="split of a saved DatasetDict or an audiofolder")
     t = p.add_argument_group("training")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--batch-size", type=int, default=1)
@@ -70,7 +78,8 @@ def build_config(args: argparse.Namespace) -> FinetuneConfig:
     """The run's configuration (``ValueError`` on bad values)."""
     data = DataConfig(source=args.data, speaker=args.speaker, conversation=args.conversation,
                       context_turns=args.context_turns, score_context=args.score_context, max_len=args.max_len,
-                      val_source=args.val_data, val_fraction=args.val_fraction, cache_dir=args.cache_dir)
+                      val_source=args.val_data, val_fraction=args.val_fraction, cache_dir=args.cache_dir,
+                      columns=Columns(args.audio_column, args.text_column, args.speaker_column), split=args.split)
     train = TrainConfig(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                         learning_rate=args.learning_rate, warmup_steps=args.warmup_steps,
                         min_lr_ratio=args.min_lr_ratio, weight_decay=args.weight_decay,

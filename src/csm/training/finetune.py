@@ -12,7 +12,7 @@ from ..config import MAX_SEQ_LEN
 from ..generation.loader import load
 from .adapters import save_adapters
 from .batching import Sample
-from .dataset import scan
+from .dataset import Columns, scan
 from .fuse import save_model_folder
 from .lora import LoRAConfig, apply_lora
 from .samples import build_samples, encode_utterances
@@ -36,6 +36,9 @@ class DataConfig:
     val_source: Path | None = None
     val_fraction: float = 0.0
     cache_dir: Path | None = None
+    #: a Hugging Face dataset's column names and split (ignored for folders and manifests).
+    columns: Columns = field(default_factory=Columns)
+    split: str = "train"
 
 
 @dataclass
@@ -72,7 +75,8 @@ def prepare_samples(speaker, data: DataConfig, out_dir: Path, *, seed: int = 0) 
     cache = data.cache_dir or out_dir / "mimi_cache"
     sets = []
     for source in [data.source] + ([data.val_source] if data.val_source else []):
-        utterances, problems = scan(source, speaker=data.speaker, conversation=data.conversation)
+        utterances, problems = scan(source, speaker=data.speaker, conversation=data.conversation,
+                                    columns=data.columns, split=data.split)
         codes, unreadable = encode_utterances(utterances, speaker.mimi, cache, tag=str(speaker.weights_dir))
         for problem in problems + unreadable:
             logger.warning("skipped %s", problem)

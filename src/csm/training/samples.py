@@ -19,11 +19,11 @@ import mlx.core as mx
 import numpy as np
 from tqdm import tqdm
 
-from ..audio import AudioError, read_audio
+from ..audio import AudioError
 from ..config import MAX_SEQ_LEN
 from ..prompt import TextTokenizer, audio_rows, text_rows
 from .batching import Sample
-from .dataset import Problem, Utterance
+from .dataset import DatasetAudio, Problem, Utterance, audio_fingerprint, read_utterance_audio
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +39,10 @@ class SampleStats:
     dropped: int = 0
 
 
-def cache_key(audio: Path, tag: str) -> str:
-    """Cache file stem for ``audio``: its absolute path, size and mtime, and the codec ``tag``."""
-    stat = audio.stat()
-    text = f"{audio.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{tag}"
-    return hashlib.sha1(text.encode()).hexdigest()
+def cache_key(audio: Path | DatasetAudio, tag: str) -> str:
+    """Cache file stem for ``audio`` (a file: its absolute path, size and mtime; a dataset row: its
+    content) and the codec ``tag``."""
+    return hashlib.sha1(f"{audio_fingerprint(audio)}|{tag}".encode()).hexdigest()
 
 
 def encode_utterances(
@@ -62,7 +61,11 @@ def encode_utterances(
     cache_dir.mkdir(parents=True, exist_ok=True)
     codes, problems, todo = {}, [], []
     for utt in utterances:
-        path = cache_dir / f"{cache_key(utt.audio, tag)}.npy"
+        try:
+            path = cache_dir / f"{cache_key(utt.audio, tag)}.npy"
+        except (OSError, AudioError) as err:  # gone since the scan
+            problems.append(Problem(utt.name, str(err)))
+            continue
         if path.is_file():
             codes[utt.name] = np.load(path)
         else:
@@ -71,7 +74,7 @@ def encode_utterances(
         logger.info("reusing %d cached Mimi encodings from %s", len(codes), cache_dir)
     for utt, path in tqdm(todo, desc="Mimi-encoding", unit="clip", disable=not todo):
         try:
-            pcm = read_audio(utt.audio)
+            pcm = read_utterance_audio(utt.audio)
         except AudioError as err:
             problems.append(Problem(utt.name, str(err)))
             continue
