@@ -22,6 +22,11 @@ class ConvState:
 
     buffer: mx.array | None = None
 
+    def reset_row(self, row: int) -> None:
+        """Restart stream ``row`` of a batched state (its carry back to the zeros of a fresh one)."""
+        if self.buffer is not None:
+            self.buffer[row : row + 1] = 0
+
 
 class StreamingConv1d(nn.Module):
     """Causal ``Conv1d`` (weights under ``conv.``, as in transformers' checkpoint names)."""
@@ -59,6 +64,14 @@ class StreamingConv1d(nn.Module):
         n_frames = math.ceil((length - self.kernel_size + self.padding_total) / self.stride + 1) - 1
         extra = n_frames * self.stride + self.kernel_size - self.padding_total - length
         return self.conv(self._pad(x, self.padding_total, extra))
+
+    def initial_state(self, batch_size: int) -> ConvState:
+        """A fresh streaming state; its buffer is preallocated (fixed shape from the first step on,
+        as a compiled step needs) except for ``replicate`` padding, which copies the first input."""
+        if self.padding_total == 0 or self.pad_mode == "replicate":
+            return ConvState()
+        channels = self.conv.weight.shape[-1]
+        return ConvState(mx.zeros((batch_size, self.padding_total, channels), dtype=self.conv.weight.dtype))
 
     def step(self, x: mx.array, state: ConvState) -> mx.array:
         """Streaming call; ``x.shape[1]`` must be a multiple of the stride."""
@@ -137,6 +150,11 @@ class StreamingConvTranspose1d(nn.Module):
         """(B, T, C_in) -> (B, T * stride, C_out)."""
         y = self.conv(x)
         return y[:, : y.shape[1] - self.padding_total]
+
+    def initial_state(self, batch_size: int) -> ConvState:
+        """A fresh streaming state with a zero tail (adding it changes nothing: same result as none)."""
+        shape = (batch_size, self.padding_total, self.conv.weight.shape[0])
+        return ConvState(mx.zeros(shape, dtype=self.conv.weight.dtype))
 
     def step(self, x: mx.array, state: ConvState) -> mx.array:
         """Streaming call: overlap-add the previous tail, keep the new tail for the next call."""
