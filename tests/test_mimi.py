@@ -349,12 +349,12 @@ def test_round_trip_keeps_length(ours):
 # --- single layers against torch --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("groups", [1, 2, 6])
-def test_conv_transpose_matches_torch(groups):
+@pytest.mark.parametrize("out_channels, groups", [(12, 1), (12, 2), (12, 6), (6, 6)])  # (6, 6): depthwise
+def test_conv_transpose_matches_torch(out_channels, groups):
     torch.manual_seed(0)
-    ref = torch.nn.ConvTranspose1d(6, 12, 8, stride=4, groups=groups).eval()
+    ref = torch.nn.ConvTranspose1d(6, out_channels, 8, stride=4, groups=groups).eval()
     x = torch.randn(2, 6, 9)
-    ours = StreamingConvTranspose1d(6, 12, 8, stride=4, groups=groups)
+    ours = StreamingConvTranspose1d(6, out_channels, 8, stride=4, groups=groups)
     ours.conv.update({"weight": convtr_weight_to_mlx(torch_to_mlx(ref.weight.data), groups),
                       "bias": torch_to_mlx(ref.bias.data)})  # fmt: skip
     with torch.no_grad():
