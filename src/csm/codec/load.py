@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 #: kyutai file name used by CSM (HF repo kyutai/moshiko-pytorch-bf16).
 KYUTAI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
 _EPSILON = 1e-5  # cluster_usage clamp of moshi and transformers
+_IN_PROJ = "self_attn.in_proj.weight"  # fused q/k/v rows <- q_proj, k_proj, v_proj in the checkpoint
 
 
 def load_mimi(path: str | Path, num_codebooks: int = 32) -> Mimi:
@@ -97,6 +98,8 @@ def _kinds(model: nn.Module) -> dict[str, str]:
         owner = modules.get(path.rpartition(".")[0])
         if isinstance(owner, ResidualVectorQuantizer) and path.endswith(".embed"):
             kinds[path] = "codebooks"
+        elif path.endswith(_IN_PROJ):
+            kinds[path] = "qkv"
         elif isinstance(owner, ConvTranspose1d) and path.endswith(".weight"):
             kinds[path] = "convtr"
         elif isinstance(owner, nn.Conv1d) and path.endswith(".weight"):
@@ -112,6 +115,12 @@ def _codebook_keys(path: str, count: int) -> list[str]:
     return [f"{base}.layers.{index}.codebook." for index in range(count)]
 
 
+def _qkv_keys(path: str) -> list[str]:
+    """``x.self_attn.in_proj.weight`` -> the checkpoint's q, k and v projection weights."""
+    base = path[: -len("in_proj.weight")]
+    return [f"{base}{name}_proj.weight" for name in "qkv"]
+
+
 def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
     """Every key the model needs, in transformers' names and PyTorch shapes."""
     params = dict(tree_flatten(model.parameters()))
@@ -122,6 +131,8 @@ def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
         if kind == "codebooks":
             for base in _codebook_keys(path, shape[0]):
                 shapes |= {base + "embed_sum": shape[1:], base + "cluster_usage": shape[1:2], base + "initialized": (1,)}
+        elif kind == "qkv":
+            shapes |= {key: (shape[0] // 3, shape[1]) for key in _qkv_keys(path)}
         elif kind == "conv":  # MLX (out, k, in) <- PyTorch (out, in, k)
             shapes[path] = (shape[0], shape[2], shape[1])
         elif kind == "convtr":  # MLX (out, k, in/g) <- PyTorch (in, out/g, k)
@@ -139,6 +150,9 @@ def to_mlx_layout(weights: Mapping[str, mx.array], model: Mimi) -> dict[str, mx.
     for path, kind in _kinds(model).items():
         if kind == "codebooks":
             out[path] = mx.stack([_codebook(weights, base) for base in _codebook_keys(path, len(model_params[path]))])
+            continue
+        if kind == "qkv":
+            out[path] = mx.concatenate([weights[key].astype(mx.float32) for key in _qkv_keys(path)])
             continue
         w = weights[path].astype(mx.float32)
         if kind == "conv":

@@ -1,9 +1,11 @@
 """Mimi's encoder/decoder transformer: pre-norm layers, RoPE, layer scale, exact GELU, and a
 causal sliding-window attention over absolute positions (shared/spec/mimi.md §1.1, §4.3).
 
-Parameter names follow transformers' ``MimiTransformerModel`` (``layers.N.self_attn.q_proj`` ...).
-Weights in the original kyutai layout are converted to it on load (q/k rows permuted for the
-rotate-half RoPE), so one RoPE convention serves both layouts.
+Parameter names follow transformers' ``MimiTransformerModel`` (``layers.N.self_attn.o_proj`` ...),
+except that its q/k/v projections are one ``self_attn.in_proj`` (q, k, v rows in that order: one
+GEMM and one RoPE call instead of three and two), split into ``q_proj``/``k_proj``/``v_proj`` in
+the checkpoint. Weights in the original kyutai layout are converted to it on load (q/k rows
+permuted for the rotate-half RoPE), so one RoPE convention serves both layouts.
 """
 
 from __future__ import annotations
@@ -100,21 +102,17 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, rope_theta: float):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.in_proj = nn.Linear(dim, 3 * num_heads * head_dim, bias=False)  # q, k, v
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
         self.rope = nn.RoPE(head_dim, traditional=False, base=rope_theta)
 
     def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV) -> mx.array:
         batch, length, _ = x.shape
-
-        def heads(proj: nn.Linear) -> mx.array:  # (B, L, D) -> (B, H, L, head_dim)
-            return proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q = self.rope(heads(self.q_proj), offset=cache.offset)
-        k = self.rope(heads(self.k_proj), offset=cache.offset)
-        k, v, mask = cache.update_and_fetch(k, heads(self.v_proj))
+        heads = self.num_heads
+        qkv = self.in_proj(x).reshape(batch, length, 3 * heads, -1).transpose(0, 2, 1, 3)  # (B, 3H, L, hd)
+        qk = self.rope(qkv[:, : 2 * heads], offset=cache.offset)
+        q, k = qk[:, :heads], qk[:, heads:]
+        k, v, mask = cache.update_and_fetch(k, qkv[:, 2 * heads :])
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
