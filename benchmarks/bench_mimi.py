@@ -12,6 +12,11 @@ the same weights. Reports ms per 80 ms frame and PyTorch/MLX ratios for:
   KV cache — transformers has no streaming conv state, so this is *not* equivalent work (its
   audio differs from one-shot); printed for reference only, against MLX streaming.
 
+MLX alone (``--batch B``, always printed; ``--mlx-only`` skips PyTorch): streaming ms per frame
+step with the compiled step (the default of ``decode_step``) and op by op, at batch 1, at batch
+B (B streams in one state, per step and per stream-frame), and B batch-1 states stepped one after
+the other (what the serving engine did before it batched its rows).
+
 CPU: ``python benchmarks/bench_mimi.py``; CUDA: ``python benchmarks/bench_mimi.py --torch-device cuda``.
 """
 
@@ -28,7 +33,7 @@ import numpy as np
 import torch
 from transformers import MimiConfig, MimiModel
 
-from csm.codec import mimi_from_weights
+from csm.codec import Mimi, MimiArgs, mimi_from_weights
 from csm.weights.io import torch_to_mlx
 
 
@@ -101,6 +106,56 @@ def moshi_streaming(args, codes: np.ndarray, sync):
     return t_torch, t_mlx, float(np.abs(got[..., :n] - want[..., :n]).max() / np.abs(want).max())
 
 
+def mlx_streaming(mimi: Mimi, frames: int, batch: int, repeats: int) -> list[tuple[str, float, int]]:
+    """(label, seconds per frame step, streams per step) of MLX streaming decode variants."""
+    codes = mx.array(np.random.default_rng(2).integers(0, 2048, (batch, 32, frames)).astype(np.int32))
+
+    # An older checkout's decode_step has no compiled option: its one variant is timed ("before" runs).
+    has_option = "compiled" in inspect.signature(mimi.decode_step).parameters
+
+    def run(rows: int, states: int, compiled: bool):
+        option = {"compiled": compiled} if has_option else {}
+
+        def go():
+            made = [mimi.make_state(rows) for _ in range(states)]
+            for t in range(frames):
+                out = [mimi.decode_step(codes[i * rows : (i + 1) * rows, :, t : t + 1], state, check_range=False,
+                                        **option) for i, state in enumerate(made)]  # fmt: skip
+                mx.eval(out)
+
+        return best_of(go, repeats) / frames
+
+    if not has_option:
+        rows = [("decode_step, batch 1", run(1, 1, False), 1)]
+        return rows + ([(f"decode_step, batch {batch}", run(batch, 1, False), batch),
+                        (f"{batch} x batch 1", run(1, batch, False), batch)] if batch > 1 else [])  # fmt: skip
+    rows = [("compiled, batch 1", run(1, 1, True), 1), ("op by op, batch 1", run(1, 1, False), 1)]
+    if batch > 1:
+        rows += [(f"compiled, batch {batch}", run(batch, 1, True), batch),
+                 (f"op by op, batch {batch}", run(batch, 1, False), batch),
+                 (f"{batch} x compiled batch 1", run(1, batch, True), batch)]  # fmt: skip
+    return rows
+
+
+def print_mlx_streaming(rows: list[tuple[str, float, int]], frames: int) -> None:
+    print(f"MLX streaming decode ({frames} frames, {mx.default_device()}):")
+    print(f"{'variant':<26} {'ms/step':>9} {'ms/stream-frame':>16}")
+    for label, seconds, streams in rows:
+        print(f"{label:<26} {1e3 * seconds:>9.2f} {1e3 * seconds / streams:>16.2f}")
+
+
+def random_mimi(seed: int, tiny: bool) -> Mimi:
+    """An MLX Mimi with random weights (no PyTorch): full size, or the tests' tiny one."""
+    mx.random.seed(seed)
+    args = MimiArgs(hidden_size=32, num_filters=8, upsampling_ratios=(8, 4), codebook_size=2048, codebook_dim=64,
+                    vector_quantization_hidden_dimension=64, upsample_groups=32, num_hidden_layers=2,
+                    num_attention_heads=2, head_dim=16, sliding_window=250,
+                    intermediate_size=64) if tiny else MimiArgs()  # fmt: skip
+    mimi = Mimi(args)
+    mx.eval(mimi.parameters())
+    return mimi
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -110,7 +165,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
     parser.add_argument("--torch-device", choices=["cpu", "cuda"], default="cpu",
                         help="where the PyTorch reference runs (MLX uses its default device)")
+    parser.add_argument("--batch", type=int, default=1, help="MLX streams decoded together (MLX table)")
+    parser.add_argument("--mlx-only", action="store_true", help="only the MLX streaming table (no PyTorch)")
+    parser.add_argument("--tiny", action="store_true", help="with --mlx-only: a tiny random Mimi (launch-bound)")
     args = parser.parse_args()
+    if args.mlx_only:
+        mimi = random_mimi(0, args.tiny)
+        print(f"Mimi: {'tiny' if args.tiny else 'full-size'}, random weights, float32")
+        print_mlx_streaming(mlx_streaming(mimi, args.stream_frames, args.batch, args.repeats),
+                            args.stream_frames)  # fmt: skip
+        return
     torch.set_num_threads(args.threads)
     ref, ours = build(0)
     ref = ref.to(args.torch_device)
@@ -171,6 +235,7 @@ def main() -> None:
         print(f"{mode:<26} {1e3 * t_torch:>15.1f} {1e3 * t_mlx:>13.1f} {t_torch / t_mlx:>10.2f} {t_mlx / 0.08:>8.2f}")
     print("(per-frame, no conv state: transformers decodes each frame without conv state — different work "
           "and audio than streaming; shown for reference, not a like-for-like ratio)")
+    print_mlx_streaming(mlx_streaming(ours, args.stream_frames, args.batch, args.repeats), args.stream_frames)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Count the MLX primitives one steady-state CSM frame runs, by primitive (device-independent).
+"""Count the MLX primitives one steady-state CSM frame (or streamed Mimi frame) runs, by primitive (device-independent).
 
 The frame (backbone step over the last frame + codebook 0 + 31 depth-decoder steps + 32
 samplings) is built lazily after a prompt prefill, its graph is written with ``mx.export_to_dot``
@@ -6,7 +6,11 @@ and every node is counted except views (reshapes, transposes, slices, broadcasts
 leaves (weights, inputs). On the CPU, MLX's fast ops (RMSNorm, RoPE, SDPA) are unfused there and
 appear as their element-wise pieces, so CPU counts are higher than GPU counts for the same code.
 
-Run: ``python benchmarks/count_primitives.py [--size tiny|full|both] [--cpu] [--json out.json]``.
+``--model mimi`` counts one streamed Mimi decode step (``Mimi.decode_step`` of one frame, batch
+``--batch``, after ``--warm`` frames so the transformer's window is in its steady state), random
+weights, float32; ``--path eager`` runs the step op by op (where the codec has that path).
+
+Run: ``python benchmarks/count_primitives.py [--model csm|mimi] [--size tiny|full|both] [--cpu] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -73,6 +77,57 @@ def frame_graph(model: CSM, path: str, prompt_rows: int = 20) -> str:
     return out.getvalue()
 
 
+def tiny_mimi_args():
+    """The test suite's tiny Mimi (2 transformer layers, 2 upsampling stages, window 5)."""
+    from csm.codec import MimiArgs
+
+    return MimiArgs(hidden_size=32, num_filters=8, upsampling_ratios=(8, 4), codebook_size=64, codebook_dim=64,
+                    vector_quantization_hidden_dimension=64, upsample_groups=32, num_hidden_layers=2,
+                    num_attention_heads=2, head_dim=16, sliding_window=5, intermediate_size=64, num_quantizers=4)
+
+
+def build_mimi(size: str):
+    from csm.codec import Mimi, MimiArgs
+
+    args = tiny_mimi_args() if size == "tiny" else MimiArgs()
+    model = Mimi(args, num_codebooks=args.num_quantizers)
+    mx.eval(model.parameters())
+    return model
+
+
+def mimi_step_graph(mimi, path: str, batch: int = 1, warm: int = 3) -> str:
+    """The dot graph of one streamed Mimi frame, after ``warm`` frames (``path``: compiled or eager)."""
+    import inspect
+
+    kwargs = {"compiled": path == "compiled"} if "compiled" in inspect.signature(mimi.decode_step).parameters else {}
+    rng = np.random.default_rng(0)
+    state = mimi.make_state(batch)
+
+    def step():
+        codes = mx.array(rng.integers(0, mimi.args.codebook_size, (batch, mimi.num_codebooks, 1)).astype(np.int32))
+        return mimi.decode_step(codes, state, check_range=False, **kwargs)
+
+    for _ in range(warm):
+        mx.eval(step(), state_arrays(state))
+    pcm = step()
+    out = io.StringIO()
+    mx.export_to_dot(out, pcm, *state_arrays(state))
+    return out.getvalue()
+
+
+def state_arrays(state) -> list:
+    """Every MLX array reachable from a streaming state (dataclasses, lists, caches)."""
+    if isinstance(state, mx.array):
+        return [state]
+    if isinstance(state, (list, tuple)):
+        return [a for s in state for a in state_arrays(s)]
+    if isinstance(state, dict):
+        return [a for s in state.values() for a in state_arrays(s)]
+    if hasattr(state, "__dict__"):
+        return state_arrays(vars(state))
+    return []
+
+
 def count(dot: str) -> collections.Counter:
     """Primitive name -> count, views excluded."""
     names = (name.split(" ")[0] for name in _NODE.findall(dot))
@@ -81,6 +136,9 @@ def count(dot: str) -> collections.Counter:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["csm", "mimi"], default="csm")
+    parser.add_argument("--batch", type=int, default=1, help="Mimi streams decoded together (--model mimi)")
+    parser.add_argument("--warm", type=int, default=3, help="Mimi frames streamed before the counted one")
     parser.add_argument("--size", choices=["tiny", "full", "both"], default="both")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--cpu", action="store_true", help="count on the CPU stream (fast ops unfused)")
@@ -93,12 +151,16 @@ def main(argv: list[str] | None = None) -> int:
         mx.set_default_device(mx.cpu)
     results = {}
     for size in (["tiny", "full"] if args.size == "both" else [args.size]):
-        model = build(size, getattr(mx, args.dtype))
+        model = build_mimi(size) if args.model == "mimi" else build(size, getattr(mx, args.dtype))
         for path in (["eager", "compiled"] if args.path == "both" else [args.path]):
-            counts = count(frame_graph(model, path))
+            if args.model == "mimi":
+                counts = count(mimi_step_graph(model, path, args.batch, args.warm))
+            else:
+                counts = count(frame_graph(model, path))
             results[f"{size}/{path}"] = dict(counts.most_common())
             top = ", ".join(f"{name} {n}" for name, n in counts.most_common(args.top))
-            print(f"{size:5s} {path:8s} {mx.default_device()} {args.dtype}: {sum(counts.values()):6d} work primitives/frame")
+            dtype = "float32" if args.model == "mimi" else args.dtype
+            print(f"{args.model} {size:5s} {path:8s} {mx.default_device()} {dtype}: {sum(counts.values()):6d} work primitives/frame")
             print(f"      {top}")
     if args.json:
         with open(args.json, "w") as f:

@@ -250,6 +250,59 @@ def test_streams_are_independent(ours, codes):
     np.testing.assert_allclose(np.array(mx.concatenate(out_b, -1)), both[1:], atol=STREAM_ATOL * np.abs(both).max())
 
 
+def stream(mimi: Mimi, codes: np.ndarray, state=None, **kwargs) -> np.ndarray:
+    """Decode (B, K, T) codes one frame per call; the concatenated audio."""
+    state = mimi.make_state(codes.shape[0]) if state is None else state
+    parts = [mimi.decode_step(mx.array(codes[:, :, t : t + 1]), state, **kwargs) for t in range(codes.shape[2])]
+    return np.array(mx.concatenate(parts, axis=-1))
+
+
+def test_compiled_step_equals_op_by_op(ours, codes):
+    """The traced step (the default) and the same step run op by op give the same audio."""
+    scale = np.abs(stream(ours, codes, compiled=False)).max()
+    np.testing.assert_allclose(stream(ours, codes), stream(ours, codes, compiled=False), atol=STREAM_ATOL * scale)
+
+
+def test_batched_rows_equal_solo_streams(ours):
+    """Each row of a batched state decodes exactly what it decodes alone."""
+    codes = np.random.default_rng(3).integers(0, TINY["codebook_size"], (3, NUM_CODEBOOKS, FRAMES))
+    batched = stream(ours, codes)
+    for row in range(3):
+        np.testing.assert_array_equal(batched[row : row + 1], stream(ours, codes[row : row + 1]))
+
+
+def test_reset_row_restarts_one_stream(ours):
+    """A row restarted mid-stream (a new job in its slot) decodes as a fresh stream, past the
+    window of its predecessor; the other row is untouched."""
+    rng = np.random.default_rng(4)
+    first, second, other = (rng.integers(0, TINY["codebook_size"], (1, NUM_CODEBOOKS, n)) for n in (7, FRAMES, 7 + FRAMES))
+    state = ours.make_state(2)
+    head = stream(ours, np.concatenate([first, other[:, :, :7]]), state)
+    state.reset_row(0)
+    tail = stream(ours, np.concatenate([second, other[:, :, 7:]]), state)
+    np.testing.assert_array_equal(tail[:1], stream(ours, second))
+    np.testing.assert_array_equal(np.concatenate([head[1:], tail[1:]], -1), stream(ours, other))
+    with pytest.raises(ValueError, match="outside"):
+        state.reset_row(2)
+
+
+def test_streaming_crosses_the_released_window(reference, tmp_path):
+    """The released context (250 transformer steps = 125 frames): 130 streamed frames equal the
+    one-shot decode (which runs in blocks of 250 steps) and transformers."""
+    wide = build_reference(sliding_window=250)
+    wide.load_state_dict(reference.state_dict())
+    wide.save_pretrained(tmp_path)
+    mimi = load_mimi(tmp_path, NUM_CODEBOOKS)
+    codes = np.random.default_rng(6).integers(0, TINY["codebook_size"], (1, NUM_CODEBOOKS, 130))
+    one_shot = np.array(mimi.decode(mx.array(codes)))
+    assert rel_error(one_shot, ref_decode(wide, codes)) <= DECODE_RTOL
+    streamed = stream(mimi, codes)
+    assert np.abs(streamed - one_shot).max() <= STREAM_ATOL * np.abs(one_shot).max()
+    unbounded = load_mimi(tmp_path, NUM_CODEBOOKS)
+    unbounded.decoder_transformer.window = 1000
+    assert rel_error(unbounded.decode(mx.array(codes)), one_shot) > 1e-3  # the window was crossed
+
+
 def state_bytes(state) -> int:
     """Bytes of every MLX array reachable from a streaming state (dataclasses, lists, caches)."""
     if isinstance(state, mx.array):
@@ -296,12 +349,12 @@ def test_round_trip_keeps_length(ours):
 # --- single layers against torch --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("groups", [1, 2, 6])
-def test_conv_transpose_matches_torch(groups):
+@pytest.mark.parametrize("out_channels, groups", [(12, 1), (12, 2), (12, 6), (6, 6)])  # (6, 6): depthwise
+def test_conv_transpose_matches_torch(out_channels, groups):
     torch.manual_seed(0)
-    ref = torch.nn.ConvTranspose1d(6, 12, 8, stride=4, groups=groups).eval()
+    ref = torch.nn.ConvTranspose1d(6, out_channels, 8, stride=4, groups=groups).eval()
     x = torch.randn(2, 6, 9)
-    ours = StreamingConvTranspose1d(6, 12, 8, stride=4, groups=groups)
+    ours = StreamingConvTranspose1d(6, out_channels, 8, stride=4, groups=groups)
     ours.conv.update({"weight": convtr_weight_to_mlx(torch_to_mlx(ref.weight.data), groups),
                       "bias": torch_to_mlx(ref.bias.data)})  # fmt: skip
     with torch.no_grad():

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,14 @@ from ..weights.io import WeightsError, check_shapes, read_folder_tensors, read_t
 from ..weights.mimi_checkpoint import CODEC_PREFIX, to_transformers_layout
 from .conv import ConvTranspose1d
 from .mimi import Mimi, MimiArgs
+from .quantizer import ResidualVectorQuantizer
 
 logger = logging.getLogger(__name__)
 
 #: kyutai file name used by CSM (HF repo kyutai/moshiko-pytorch-bf16).
 KYUTAI_FILE = "tokenizer-e351c8d8-checkpoint125.safetensors"
-_CODEBOOK = re.compile(r"^(.*)\.codebooks\.(\d+)\.embed$")
 _EPSILON = 1e-5  # cluster_usage clamp of moshi and transformers
+_IN_PROJ = "self_attn.in_proj.weight"  # fused q/k/v rows <- q_proj, k_proj, v_proj in the checkpoint
 
 
 def load_mimi(path: str | Path, num_codebooks: int = 32) -> Mimi:
@@ -91,13 +91,15 @@ def mimi_from_weights(
 
 
 def _kinds(model: nn.Module) -> dict[str, str]:
-    """Parameter path -> how it is stored in PyTorch: conv, convtr, codebook or plain."""
+    """Parameter path -> how it is stored in PyTorch: conv, convtr, codebooks or plain."""
     modules = dict(model.named_modules())
     kinds = {}
     for path, _ in tree_flatten(model.parameters()):
         owner = modules.get(path.rpartition(".")[0])
-        if _CODEBOOK.match(path):
-            kinds[path] = "codebook"
+        if isinstance(owner, ResidualVectorQuantizer) and path.endswith(".embed"):
+            kinds[path] = "codebooks"
+        elif path.endswith(_IN_PROJ):
+            kinds[path] = "qkv"
         elif isinstance(owner, ConvTranspose1d) and path.endswith(".weight"):
             kinds[path] = "convtr"
         elif isinstance(owner, nn.Conv1d) and path.endswith(".weight"):
@@ -107,10 +109,16 @@ def _kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def _codebook_keys(path: str) -> str:
-    """``x.codebooks.N.embed`` -> the checkpoint prefix ``x.layers.N.codebook.``."""
-    base, index = _CODEBOOK.match(path).groups()
-    return f"{base}.layers.{index}.codebook."
+def _codebook_keys(path: str, count: int) -> list[str]:
+    """``x.embed`` (a stack of ``count`` codebooks) -> the checkpoint prefixes ``x.layers.N.codebook.``."""
+    base = path.rpartition(".")[0]
+    return [f"{base}.layers.{index}.codebook." for index in range(count)]
+
+
+def _qkv_keys(path: str) -> list[str]:
+    """``x.self_attn.in_proj.weight`` -> the checkpoint's q, k and v projection weights."""
+    base = path[: -len("in_proj.weight")]
+    return [f"{base}{name}_proj.weight" for name in "qkv"]
 
 
 def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
@@ -120,9 +128,11 @@ def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path, kind in _kinds(model).items():
         shape = tuple(params[path].shape)
-        if kind == "codebook":
-            base = _codebook_keys(path)
-            shapes |= {base + "embed_sum": shape, base + "cluster_usage": shape[:1], base + "initialized": (1,)}
+        if kind == "codebooks":
+            for base in _codebook_keys(path, shape[0]):
+                shapes |= {base + "embed_sum": shape[1:], base + "cluster_usage": shape[1:2], base + "initialized": (1,)}
+        elif kind == "qkv":
+            shapes |= {key: (shape[0] // 3, shape[1]) for key in _qkv_keys(path)}
         elif kind == "conv":  # MLX (out, k, in) <- PyTorch (out, in, k)
             shapes[path] = (shape[0], shape[2], shape[1])
         elif kind == "convtr":  # MLX (out, k, in/g) <- PyTorch (in, out/g, k)
@@ -135,13 +145,14 @@ def checkpoint_shapes(model: Mimi) -> dict[str, tuple[int, ...]]:
 
 def to_mlx_layout(weights: Mapping[str, mx.array], model: Mimi) -> dict[str, mx.array]:
     """Convert checked PyTorch-layout tensors to the model's parameters (float32)."""
-    modules = dict(model.named_modules())
+    modules, model_params = dict(model.named_modules()), dict(tree_flatten(model.parameters()))
     out = {}
     for path, kind in _kinds(model).items():
-        if kind == "codebook":
-            base = _codebook_keys(path)
-            usage = mx.maximum(weights[base + "cluster_usage"].astype(mx.float32), _EPSILON)
-            out[path] = weights[base + "embed_sum"].astype(mx.float32) / usage[:, None]
+        if kind == "codebooks":
+            out[path] = mx.stack([_codebook(weights, base) for base in _codebook_keys(path, len(model_params[path]))])
+            continue
+        if kind == "qkv":
+            out[path] = mx.concatenate([weights[key].astype(mx.float32) for key in _qkv_keys(path)])
             continue
         w = weights[path].astype(mx.float32)
         if kind == "conv":
@@ -150,6 +161,12 @@ def to_mlx_layout(weights: Mapping[str, mx.array], model: Mimi) -> dict[str, mx.
             w = convtr_weight_to_mlx(w, modules[path.rpartition(".")[0]].groups)
         out[path] = w
     return out
+
+
+def _codebook(weights: Mapping[str, mx.array], base: str) -> mx.array:
+    """One codebook's vectors: ``embed_sum / max(cluster_usage, 1e-5)``."""
+    usage = mx.maximum(weights[base + "cluster_usage"].astype(mx.float32), _EPSILON)
+    return weights[base + "embed_sum"].astype(mx.float32) / usage[:, None]
 
 
 def convtr_weight_to_mlx(weight: mx.array, groups: int) -> mx.array:

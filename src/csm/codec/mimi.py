@@ -9,6 +9,7 @@ Inside, activations are (B, T, C), MLX's convolution layout.
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -18,8 +19,8 @@ import mlx.nn as nn
 from .checks import check_codes, check_pcm, check_state
 from .conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from .quantizer import SplitResidualVectorQuantizer
-from .seanet import SeanetDecoder, SeanetEncoder
-from .transformer import Transformer, WindowKVCache
+from .seanet import SeanetDecoder, SeanetEncoder, conv_states
+from .transformer import Transformer, WindowKVCache, WindowState
 
 #: transformers ``MimiConfig`` key -> MimiArgs field, where the names differ.
 _HF_RENAMES = {"sampling_rate": "sample_rate", "audio_channels": "channels"}
@@ -109,12 +110,38 @@ class MimiArgs:
 
 @dataclass
 class MimiDecodeState:
-    """Streaming decoder state of one batch of streams (see :meth:`Mimi.make_state`)."""
+    """Streaming decoder state of one batch of streams (see :meth:`Mimi.make_state`).
+
+    Every array has a fixed shape from the start (what lets :meth:`Mimi.decode_step` replay one
+    compiled trace); each row is an independent stream, restarted alone by :meth:`reset_row`.
+    """
 
     batch_size: int
     upsample: ConvState
-    transformer: list[WindowKVCache]
+    transformer: WindowState
     decoder: list[Any]
+
+    def reset_row(self, row: int) -> None:
+        """Make row ``row`` a fresh stream (a new utterance in that slot); other rows carry on."""
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row {row} is outside this state's batch of {self.batch_size}")
+        for conv in self._convs():
+            conv.reset_row(row)
+        self.transformer.reset_row(row)
+
+    def arrays(self) -> list[mx.array]:
+        """The state as a flat list of arrays (the compiled step's inputs and outputs)."""
+        return [conv.buffer for conv in self._convs()] + self.transformer.arrays()
+
+    def set_arrays(self, arrays: list[mx.array]) -> None:
+        """Inverse of :meth:`arrays`."""
+        convs = self._convs()
+        for conv, buffer in zip(convs, arrays):
+            conv.buffer = buffer
+        self.transformer = WindowState.from_arrays(arrays[len(convs) :])
+
+    def _convs(self) -> list[ConvState]:
+        return [conv for conv in conv_states([self.upsample, self.decoder]) if conv.buffer is not None]
 
 
 @dataclass
@@ -197,22 +224,54 @@ class Mimi(nn.Module):
 
     def make_state(self, batch_size: int = 1) -> MimiDecodeState:
         """Fresh streaming-decoder state for ``batch_size`` streams; the caller owns it."""
+        dtype = self.upsample.conv.weight.dtype
         return MimiDecodeState(
-            batch_size, ConvState(), self.decoder_transformer.make_cache(), self.decoder.make_state()
+            batch_size,
+            self.upsample.initial_state(batch_size),
+            self.decoder_transformer.make_window_state(batch_size, dtype),
+            self.decoder.make_state(batch_size),
         )
 
-    def decode_step(self, codes: mx.array, state: MimiDecodeState, *, check_range: bool = True) -> mx.array:
-        """Decode the next ``t`` frames of a stream: (B, K, t) -> (B, 1, t * frame_size).
+    def decode_step(
+        self, codes: mx.array, state: MimiDecodeState, *, check_range: bool = True, compiled: bool = True
+    ) -> mx.array:
+        """Decode the next ``t`` frames of each stream: (B, K, t) -> (B, 1, t * frame_size).
 
-        Concatenating the outputs of successive calls equals :meth:`decode` of all frames.
-        ``check_range`` reads the codes on the host to reject ids outside the codebook; pass
-        False when the caller has checked them (no host read then).
+        Concatenating the outputs of successive calls equals :meth:`decode` of all frames; each
+        row of a batch gives what it gives alone. ``check_range`` reads the codes on the host to
+        reject ids outside the codebook; pass False when the caller has checked them (no host
+        read then). ``compiled`` replays one traced graph per chunk length (fused element-wise
+        work: far fewer kernels than op by op); False runs the same step op by op.
         """
         check_state(state, MimiDecodeState, codes)
         codes = check_codes(codes, self._num_codebooks, self.args.codebook_size, check_range=check_range)
+        if not compiled:
+            return self._stream(codes, state)
+        pcm, *arrays = self._compiled_stream()(codes, *state.arrays())
+        state.set_arrays(arrays)
+        return pcm
+
+    def _stream(self, codes: mx.array, state: MimiDecodeState) -> mx.array:
         x = self.upsample.step(self.quantizer.decode(codes.transpose(0, 2, 1)), state.upsample)
-        x = self.decoder_transformer(x, state.transformer)
+        x = self.decoder_transformer.step(x, state.transformer)
         return self.decoder.step(x, state.decoder).transpose(0, 2, 1)
+
+    def _stream_arrays(self, codes: mx.array, *arrays: mx.array) -> list[mx.array]:
+        """:meth:`_stream` over the flat arrays of a state: the function that gets traced."""
+        state = self.make_state(codes.shape[0])  # the structure; its arrays are replaced
+        state.set_arrays(list(arrays))
+        pcm = self._stream(codes, state)
+        return [pcm, *state.arrays()]
+
+    def _compiled_stream(self):
+        """The traced streaming step, built once per thread (a trace holds its thread's MLX streams).
+
+        The weights are compile inputs (read at every call), so replacing them leaves no stale trace.
+        """
+        per_thread = self.__dict__.setdefault("_compiled", threading.local())  # not a parameter
+        if not hasattr(per_thread, "stream"):
+            per_thread.stream = mx.compile(self._stream_arrays, inputs=self.state)
+        return per_thread.stream
 
     def make_encode_state(self, batch_size: int = 1) -> MimiEncodeState:
         """Fresh streaming-encoder state for ``batch_size`` streams; the caller owns it."""

@@ -2,7 +2,9 @@
 
 The semantic RVQ (first ``num_semantic`` codebooks) and the acoustic RVQ (the rest) both quantize
 the same latent, each through its own input/output 1x1 projection; decoded latents are summed.
-Codebook vectors are ``embed_sum / max(cluster_usage, 1e-5)``, computed once at load time.
+Codebook vectors are ``embed_sum / max(cluster_usage, 1e-5)``, computed once at load time, and
+the codebooks of one RVQ are stacked in one (K, size, dim) table, so that decoding K codes is one
+gather and one sum (K gathers and K - 1 adds would be 2K kernels per streamed frame).
 """
 
 from __future__ import annotations
@@ -11,20 +13,11 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-class EuclideanCodebook(nn.Module):
-    def __init__(self, size: int, dim: int):
-        super().__init__()
-        self.embed = mx.zeros((size, dim))
-
-    def encode(self, x: mx.array) -> mx.array:
-        """(B, T, dim) -> (B, T) int32 nearest-vector indices."""
-        # |x - e|^2 without the per-row constant |x|^2.
-        distances = mx.sum(self.embed * self.embed, axis=-1) - 2 * (x @ self.embed.T)
-        return mx.argmin(distances, axis=-1).astype(mx.int32)
-
-    def decode(self, codes: mx.array) -> mx.array:
-        """(B, T) -> (B, T, dim)."""
-        return self.embed[codes]
+def nearest(x: mx.array, embed: mx.array) -> mx.array:
+    """(B, T, dim) -> (B, T) int32 indices of the nearest rows of ``embed`` (size, dim)."""
+    # |x - e|^2 without the per-row constant |x|^2.
+    distances = mx.sum(embed * embed, axis=-1) - 2 * (x @ embed.T)
+    return mx.argmin(distances, axis=-1).astype(mx.int32)
 
 
 class ResidualVectorQuantizer(nn.Module):
@@ -34,23 +27,22 @@ class ResidualVectorQuantizer(nn.Module):
         if project:
             self.input_proj = nn.Conv1d(hidden_size, dim, 1, bias=False)
             self.output_proj = nn.Conv1d(dim, hidden_size, 1, bias=False)
-        self.codebooks = [EuclideanCodebook(size, dim) for _ in range(num_codebooks)]
+        self.embed = mx.zeros((num_codebooks, size, dim))  # codebook k is embed[k]
 
     def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
         """(B, T, hidden) -> (B, T, num_codebooks) codes."""
         residual = self.input_proj(x) if "input_proj" in self else x
         codes = []
-        for codebook in self.codebooks[:num_codebooks]:
-            indices = codebook.encode(residual)
-            residual = residual - codebook.decode(indices)
+        for embed in self.embed[:num_codebooks]:
+            indices = nearest(residual, embed)
+            residual = residual - embed[indices]
             codes.append(indices)
         return mx.stack(codes, axis=-1)
 
     def decode(self, codes: mx.array) -> mx.array:
         """(B, T, K) codes of the first K codebooks -> (B, T, hidden)."""
-        latent = self.codebooks[0].decode(codes[..., 0])
-        for k in range(1, codes.shape[-1]):
-            latent = latent + self.codebooks[k].decode(codes[..., k])
+        num = codes.shape[-1]
+        latent = self.embed[mx.arange(num), codes].sum(axis=-2)  # (B, T, K, dim) -> (B, T, dim)
         return self.output_proj(latent) if "output_proj" in self else latent
 
 

@@ -14,13 +14,25 @@ import mlx.nn as nn
 from .conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 
 
-def _make_state(layer: nn.Module) -> Any:
-    """Streaming state of one layer: a ConvState, a list for a residual block, or None."""
+def _make_state(layer: nn.Module, batch_size: int | None) -> Any:
+    """Streaming state of one layer: a ConvState, a list for a residual block, or None.
+
+    With a ``batch_size`` the conv buffers are preallocated (fixed shapes from the first step).
+    """
     if isinstance(layer, ResnetBlock):
-        return [_make_state(sub) for sub in layer.block]
+        return [_make_state(sub, batch_size) for sub in layer.block]
     if isinstance(layer, (StreamingConv1d, StreamingConvTranspose1d)):
-        return ConvState()
+        return ConvState() if batch_size is None else layer.initial_state(batch_size)
     return None
+
+
+def conv_states(states: Any) -> list[ConvState]:
+    """Every :class:`ConvState` in a (nested) streaming state, in a fixed order."""
+    if isinstance(states, ConvState):
+        return [states]
+    if isinstance(states, list):
+        return [s for sub in states for s in conv_states(sub)]
+    return []
 
 
 def _step(layers: list[nn.Module], x: mx.array, states: list[Any]) -> mx.array:
@@ -62,9 +74,9 @@ class _Stack(nn.Module):
             x = layer(x)
         return x
 
-    def make_state(self) -> list[Any]:
-        """Fresh streaming state for :meth:`step` (one per stream)."""
-        return [_make_state(layer) for layer in self.layers]
+    def make_state(self, batch_size: int | None = None) -> list[Any]:
+        """Fresh streaming state for :meth:`step`; preallocated for ``batch_size`` streams if given."""
+        return [_make_state(layer, batch_size) for layer in self.layers]
 
     def step(self, x: mx.array, states: list[Any]) -> mx.array:
         """Streaming call; chunk lengths must be multiples of the total stride."""

@@ -1,15 +1,20 @@
 """Mimi's encoder/decoder transformer: pre-norm layers, RoPE, layer scale, exact GELU, and a
 causal sliding-window attention over absolute positions (shared/spec/mimi.md §1.1, §4.3).
 
-Parameter names follow transformers' ``MimiTransformerModel`` (``layers.N.self_attn.q_proj`` ...).
-Weights in the original kyutai layout are converted to it on load (q/k rows permuted for the
-rotate-half RoPE), so one RoPE convention serves both layouts.
+Parameter names follow transformers' ``MimiTransformerModel`` (``layers.N.self_attn.o_proj`` ...),
+except that its q/k/v projections are one ``self_attn.in_proj`` (q, k, v rows in that order: one
+GEMM and one RoPE call instead of three and two), split into ``q_proj``/``k_proj``/``v_proj`` in
+the checkpoint. Weights in the original kyutai layout are converted to it on load (q/k rows
+permuted for the rotate-half RoPE), so one RoPE convention serves both layouts.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 class WindowKVCache:
@@ -38,25 +43,76 @@ class WindowKVCache:
         return keys, values, mask
 
 
+def window_mask(offset: mx.array, length: int, window: int) -> mx.array:
+    """(B, 1, L, window - 1 + L) boolean mask of ``length`` queries over [last window - 1 keys, new keys].
+
+    Key slot ``j`` holds absolute position ``offset - (window - 1) + j``; query ``i`` sits at
+    ``offset + i`` and sees ``0 <= q - k < window`` (slots ``i .. i + window - 1``), minus the
+    slots before position 0 of its row (a young stream, or a row just restarted).
+    """
+    slots, queries = np.arange(window - 1 + length), np.arange(length)[:, None]
+    band = mx.array((slots >= queries) & (slots <= queries + window - 1))  # (L, S), the same every step
+    written = mx.arange(window - 1 + length)[None] >= (window - 1) - offset[:, None]  # (B, S)
+    return band[None, None] & written[:, None, None, :]
+
+
+class SlidingKV:
+    """One layer's view of a :class:`WindowState` during one step (fixed shapes: compiles once).
+
+    Keys of the new positions are appended to the last ``window - 1`` ones; the result's tail is
+    kept for the next step. ``offset`` is the (B,) RoPE position of each row's first new query.
+    """
+
+    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, mask: mx.array):
+        self.keys, self.values, self.offset, self.mask = keys, values, offset, mask
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        length = keys.shape[2]
+        keys = mx.concatenate([self.keys, keys], axis=2)
+        values = mx.concatenate([self.values, values], axis=2)
+        self.keys, self.values = keys[:, :, length:], values[:, :, length:]
+        return keys, values, self.mask
+
+
+@dataclass
+class WindowState:
+    """Streaming transformer state of a batch: per layer the keys/values of each row's last
+    ``window - 1`` positions, in (B, H, window - 1, head_dim) buffers that never change shape, and
+    the (B,) int32 position of each row's next step. Slots before a row's position 0 hold zeros
+    (or a previous stream's keys after :meth:`reset_row`) and are masked out."""
+
+    keys: list[mx.array]
+    values: list[mx.array]
+    offset: mx.array
+
+    def reset_row(self, row: int) -> None:
+        """Restart stream ``row``: its position goes back to 0 (its old keys become invisible)."""
+        self.offset[row] = 0
+
+    def arrays(self) -> list[mx.array]:
+        return [*self.keys, *self.values, self.offset]
+
+    @classmethod
+    def from_arrays(cls, arrays: list[mx.array]) -> "WindowState":
+        layers = (len(arrays) - 1) // 2
+        return cls(list(arrays[:layers]), list(arrays[layers : 2 * layers]), arrays[-1])
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, head_dim: int, rope_theta: float):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.q_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, num_heads * head_dim, bias=False)
+        self.in_proj = nn.Linear(dim, 3 * num_heads * head_dim, bias=False)  # q, k, v
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
         self.rope = nn.RoPE(head_dim, traditional=False, base=rope_theta)
 
-    def __call__(self, x: mx.array, cache: WindowKVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV) -> mx.array:
         batch, length, _ = x.shape
-
-        def heads(proj: nn.Linear) -> mx.array:  # (B, L, D) -> (B, H, L, head_dim)
-            return proj(x).reshape(batch, length, self.num_heads, -1).transpose(0, 2, 1, 3)
-
-        q = self.rope(heads(self.q_proj), offset=cache.offset)
-        k = self.rope(heads(self.k_proj), offset=cache.offset)
-        k, v, mask = cache.update_and_fetch(k, heads(self.v_proj))
+        heads = self.num_heads
+        qkv = self.in_proj(x).reshape(batch, length, 3 * heads, -1).transpose(0, 2, 1, 3)  # (B, 3H, L, hd)
+        qk = self.rope(qkv[:, : 2 * heads], offset=cache.offset)
+        q, k = qk[:, :heads], qk[:, heads:]
+        k, v, mask = cache.update_and_fetch(k, qkv[:, 2 * heads :])
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
@@ -92,7 +148,7 @@ class TransformerLayer(nn.Module):
         self.self_attn_layer_scale = LayerScale(dim)
         self.mlp_layer_scale = LayerScale(dim)
 
-    def __call__(self, x: mx.array, cache: WindowKVCache) -> mx.array:
+    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV) -> mx.array:
         x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cache))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
@@ -108,6 +164,25 @@ class Transformer(nn.Module):
     def make_cache(self) -> list[WindowKVCache]:
         """Fresh per-layer caches (one set per stream)."""
         return [WindowKVCache(self.window) for _ in self.layers]
+
+    def make_window_state(self, batch_size: int, dtype: mx.Dtype = mx.float32) -> WindowState:
+        """Fixed-shape streaming state of ``batch_size`` streams for :meth:`step`."""
+        attn = self.layers[0].self_attn
+        shape = (batch_size, attn.num_heads, self.window - 1, attn.head_dim)
+        zeros = lambda: [mx.zeros(shape, dtype=dtype) for _ in self.layers]  # noqa: E731
+        return WindowState(zeros(), zeros(), mx.zeros((batch_size,), dtype=mx.int32))
+
+    def step(self, x: mx.array, state: WindowState) -> mx.array:
+        """Streaming call with a :class:`WindowState` (updated in place): the same result as
+        :meth:`__call__` with a growing cache, but every shape is fixed, so a traced step replays."""
+        length = x.shape[1]
+        mask = window_mask(state.offset, length, self.window)
+        for i, layer in enumerate(self.layers):
+            cache = SlidingKV(state.keys[i], state.values[i], state.offset, mask)
+            x = layer(x, cache)
+            state.keys[i], state.values[i] = cache.keys, cache.values
+        state.offset = state.offset + length
+        return x
 
     def __call__(self, x: mx.array, cache: list[WindowKVCache] | None = None) -> mx.array:
         """Run ``x`` after whatever ``cache`` already holds (a fresh cache when None).

@@ -9,14 +9,16 @@ reached or it is cancelled, without stopping the other rows. Each row draws its 
 own key, split per frame as a solo run splits it, so a greedy request gives exactly its solo result
 whatever shares the batch, and a seeded one matches its solo run up to batched-matmul rounding.
 
-Audio streams out per request (one streaming Mimi decoder state each). Memory is bounded by
+Audio streams out per request: one streaming Mimi decoder state of ``slots`` rows decodes every
+row's frame in one batched step (a row restarts its stream when a new request takes the slot;
+each row decodes what it decodes alone). Memory is bounded by
 ``slots`` rows of a ``cache_len``-position cache; when the shared offset reaches the end, every
 row is shifted left (compaction). The loop runs in one background thread that owns every MLX
 call; ``torch_seed`` requests (PyTorch's noise stream, consumed in the official order) run
 unbatched beside the batch, one frame per loop turn, through :meth:`Generator.stream_turns`.
 
 One host read per frame: frame ``t`` is read after frame ``t+1`` has been ``mx.async_eval``'d;
-each frame's audio (per-row Mimi decode) is read on the next step, after the next frame is queued.
+each frame's audio (one batched Mimi decode) is read on the next step, after the next frame is queued.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 import numpy as np
 
+from ..codec.checks import check_codes
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
 from ..models.frame_step import Draw
 from ..prompt import Segment, build_prompt
@@ -48,9 +51,16 @@ class _Row:
     job: Job
     draw: Draw
     limit: int
-    decoder: object  # MimiDecodeState
     frames: int = 0
     fresh: bool = True  # its first frame is being computed: nothing to read yet
+
+
+@dataclass
+class _Audio:
+    """One batched Mimi decode in flight: ``pcm`` (slots, 1, frame_size) and who gets which row."""
+
+    pcm: mx.array
+    rows: list[tuple[Job, int, bool]]  # (job, slot, its last frame)
 
 
 @dataclass
@@ -150,7 +160,8 @@ class Engine:
         self._starts = np.zeros(self.slots, np.int32)
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
-        self._audio: list[tuple[Job, mx.array, bool]] = []  # decoding, handed out next step
+        self._mimi = self.generator.mimi.make_state(self.slots)  # row r decodes slot r's audio
+        self._audio: _Audio | None = None  # decoding, handed out next step
         self._joining: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # slot -> last prompt row
         try:
             while self._next_turn():
@@ -160,7 +171,8 @@ class Engine:
                     self._step()
         except BaseException as err:  # a bug in the loop: fail every job rather than hang them
             logger.exception("engine loop failed")
-            running = [r.job for r in self._rows if r is not None] + [job for job, _, _ in self._audio]
+            decoding = [] if self._audio is None else [job for job, _, _ in self._audio.rows]
+            running = [r.job for r in self._rows if r is not None] + decoding
             for job in list(self._pending) + running:
                 job._finish("failed", err)
         finally:
@@ -244,7 +256,7 @@ class Engine:
         self._starts[slot] = self._cache.offset - (length - 1)
         self._keys[slot] = mx.random.key(job.seed)
         self._joining[slot] = (prompt[0][-1], prompt[1][-1])
-        self._rows[slot] = _Row(job, draw, request.max_frames, self.generator.mimi.make_state(1))
+        self._rows[slot] = _Row(job, draw, request.max_frames)
         logger.debug("job %d joined slot %d (%d prompt rows)", job.id, slot, length)
 
     def _active(self) -> list[int]:
@@ -317,11 +329,12 @@ class Engine:
         return mx.where(where, mx.array(last_tokens), tokens), mx.where(where, mx.array(last_mask), mask)
 
     def _deliver(self, frame: np.ndarray, active: list[int]) -> None:
-        """End finished or cancelled rows; start decoding one frame of audio for each other row.
+        """End finished or cancelled rows; start decoding one frame of audio for all other rows at once.
 
         The audio is handed out by :meth:`_emit_audio` on the next step, once the frame after
         it has been queued, so the host never waits on the decoder alone.
         """
+        mimi, decoded = self.generator.mimi, []
         for slot in active:
             row = self._rows[slot]
             if row.fresh:  # its row of this frame belongs to whoever sat there before
@@ -331,24 +344,36 @@ class Engine:
             elif not frame[slot].any():
                 self._end(slot, "done")
             else:
-                row.job._codes.append(frame[slot])
-                row.frames += 1
-                try:
-                    pcm = self.generator.mimi.decode_step(mx.array(frame[slot][None, :, None]), row.decoder)
+                try:  # on the host: the frame is already there
+                    check_codes(frame[slot][None, :, None], mimi.num_codebooks, mimi.args.codebook_size)
                 except ValueError as err:  # a code Mimi cannot decode
                     self._end(slot, "failed", err)
                     continue
+                row.job._codes.append(frame[slot])
+                row.frames += 1
+                if row.frames == 1:  # a new utterance in this slot: a fresh stream in its Mimi row
+                    self._mimi.reset_row(slot)
                 last = row.frames >= row.limit
-                self._audio.append((row.job, pcm, last))
+                decoded.append((row.job, slot, last))
                 if last:  # the slot is free now; the job ends once its audio is out
                     self._free(slot)
-        if self._audio:
-            mx.async_eval([pcm for _, pcm, _ in self._audio])
+        if decoded:
+            # Every row steps (fixed shapes: one compiled trace); rows not decoding get zeros and
+            # their streams are restarted before they are next used.
+            codes = np.zeros((self.slots, frame.shape[1], 1), np.int32)
+            for _, slot, _ in decoded:
+                codes[slot, :, 0] = frame[slot]
+            pcm = mimi.decode_step(mx.array(codes), self._mimi, check_range=False)
+            mx.async_eval(pcm)
+            self._audio = _Audio(pcm, decoded)
 
     def _emit_audio(self) -> None:
-        audio, self._audio = self._audio, []
-        for job, pcm, last in audio:
-            job._emit(np.array(pcm).reshape(-1), 1)
+        audio, self._audio = self._audio, None
+        if audio is None:
+            return
+        pcm = np.array(audio.pcm)  # one host read for every row
+        for job, slot, last in audio.rows:
+            job._emit(pcm[slot].reshape(-1), 1)
             if last:
                 job._finish("done")
 
