@@ -22,9 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import csm  # noqa: E402
 from csm.generation import Turn  # noqa: E402
-from csm.prompt import build_prompt  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
-from torch_reference import official_generate  # noqa: E402
+from torch_reference import official_generate, official_prompt, official_tokenizer  # noqa: E402
 
 TEXTS = ["Hello from Sesame.", "The past is just a story we tell ourselves.", "How are you today?"]
 
@@ -37,12 +36,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         reference = write_model_dir(Path(folder), seed=3).to(torch.bfloat16)
         ours = csm.load(folder, dtype="bfloat16")
+        tokenizer = official_tokenizer(Path(folder) / "tokenizer.json")  # the reference's own prompt
     prefix, first_frame, total = [], [], 0
     for seed in range(args.seeds):
         for text in TEXTS:
             got = ours.synthesize([Turn(0, text)], torch_seed=seed, precision="reference",
                                   max_audio_length_ms=args.frames * 80).codes[0]
-            tokens, mask = build_prompt(ours.tokenizer, [], 0, text)
+            tokens, mask = official_prompt(tokenizer, [], text, 0)
             want = official_generate(reference, tokens, mask, max_frames=args.frames, topk=50,
                                      temperature=0.9, seed=seed)
             n = min(got.shape[1], want.shape[1])
