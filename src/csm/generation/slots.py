@@ -25,24 +25,13 @@ from ..sampling import exponential_noise, sample_topk
 def place_prompt(shared: Sequence[KVCache], solo: Sequence[KVCache], row: int, length: int) -> None:
     """Copy the first ``length`` positions of a batch-1 cache into ``row``, ending at the shared offset."""
     for target, source in zip(shared, solo, strict=True):
-        end = target.offset
-        if length > end:
-            raise ValueError(f"a {length}-position prompt does not fit before offset {end}")
-        target.keys[row : row + 1, :, end - length : end, :] = source.keys[:, :, :length, :]
-        target.values[row : row + 1, :, end - length : end, :] = source.values[:, :, :length, :]
+        target.place(row, source, length)
 
 
 def shift_rows(caches: Sequence[KVCache], low: int, delta: int) -> None:
     """Move positions ``[low, offset)`` of every row by ``delta`` (negative: compact to the left)."""
     for cache in caches:
-        end = cache.offset
-        if low + delta < 0 or end + delta > cache.max_len:
-            raise ValueError(f"cannot shift [{low}, {end}) by {delta} in a {cache.max_len}-position cache")
-        if end > low and delta:
-            keys, values = cache.keys[:, :, low:end, :], cache.values[:, :, low:end, :]
-            cache.keys[:, :, low + delta : end + delta, :] = keys
-            cache.values[:, :, low + delta : end + delta, :] = values
-        cache.offset = end + delta
+        cache.shift(low, delta)
 
 
 def _frame_noise(key: mx.array, vocab: int) -> tuple[mx.array, mx.array]:

@@ -41,6 +41,25 @@ class KVCache:
             raise ValueError(f"cannot trim a cache of {self.offset} positions to {length}")
         self.offset = length
 
+    def place(self, row: int, source: "KVCache", length: int) -> None:
+        """Copy ``source``'s (batch 1) first ``length`` positions into ``row``, ending at this cache's offset."""
+        end = self.offset
+        if length > end:
+            raise ValueError(f"a {length}-position prompt does not fit before offset {end}")
+        self.keys[row : row + 1, :, end - length : end, :] = source.keys[:, :, :length, :]
+        self.values[row : row + 1, :, end - length : end, :] = source.values[:, :, :length, :]
+
+    def shift(self, low: int, delta: int) -> None:
+        """Move positions ``[low, offset)`` of every row by ``delta`` (negative: towards position 0)."""
+        end = self.offset
+        if low + delta < 0 or end + delta > self.max_len:
+            raise ValueError(f"cannot shift [{low}, {end}) by {delta} in a {self.max_len}-position cache")
+        if end > low and delta:
+            keys, values = self.keys[:, :, low:end, :], self.values[:, :, low:end, :]
+            self.keys[:, :, low + delta : end + delta, :] = keys
+            self.values[:, :, low + delta : end + delta, :] = values
+        self.offset = end + delta
+
     @property
     def nbytes(self) -> int:
         """Bytes held by the two buffers."""
