@@ -122,3 +122,25 @@ def test_encoding_is_cached_and_samples_follow_the_prompt_layout(folder, tmp_pat
         _, stats = build_samples(good, codes, tokenizer, max_len=5)
         assert (stats.kept, stats.dropped) == (0, 4)
     assert "4 dropped as too long" in caplog.text
+
+
+def test_mimi_gets_mono_24khz_pcm_of_each_clip(folder, tmp_path):
+    """What encode_utterances hands Mimi: the file's samples at 24 kHz (soxr, computed here), mono."""
+    import soxr
+
+    seen = {}
+
+    class RecordingMimi(CountingMimi):
+        def encode(self, pcm):
+            seen[len(seen)] = np.array(pcm).reshape(-1)
+            return super().encode(pcm)
+
+    good, _ = scan(folder, speaker=0)
+    by_name = {u.audio.stem: u for u in good}
+    for name in ("good0", "good1_other"):  # 24 kHz as is; 48 kHz resampled
+        seen.clear()
+        encode_utterances([by_name[name]], RecordingMimi(), tmp_path / name, tag="pcm")
+        data, rate = sf.read(folder / f"{name}.wav", dtype="float32")
+        want = data if rate == 24_000 else soxr.resample(data, rate, 24_000, quality="HQ")
+        assert rate == (24_000 if name == "good0" else 48_000)
+        np.testing.assert_allclose(seen[0], want, atol=1e-6)
