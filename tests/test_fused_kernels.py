@@ -1,7 +1,8 @@
 """The fused CUDA layer step (csm.models.fused) against the MLX ops it replaces.
 
-Runs only where MLX has a CUDA GPU (skipped on the CPU and on Metal, which never take the fused
-path). Each check runs the same layer step twice — MLX ops, then the fused kernels — on the same
+The kernel checks run only where MLX has a CUDA GPU (skipped on the CPU and on Metal, which never
+take the fused path); the last test checks ``TransformerLayer._fused_step``'s plumbing (cache
+slots, offsets, positions, residuals) anywhere, with the kernels stood in by MLX ops. Each kernel check runs the same layer step twice — MLX ops, then the fused kernels — on the same
 weights, cache and input:
 
 * float32 (admitted to the fused path for the test only): outputs and written caches agree to
@@ -24,7 +25,7 @@ from csm.models import fused
 from csm.models.cache import KVCache, StepKV
 from csm.models.llama import LlamaArgs, TransformerLayer
 
-pytestmark = pytest.mark.skipif(not mx.cuda.is_available(), reason="fused kernels run on MLX's CUDA backend only")
+needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="fused kernels run on MLX's CUDA backend only")
 
 DECODER = LlamaArgs(num_layers=1, embed_dim=512, num_heads=8, num_kv_heads=2, intermediate_dim=1024, head_dim=64)
 BACKBONE = LlamaArgs(num_layers=1, embed_dim=1024, num_heads=16, num_kv_heads=4, intermediate_dim=2048)
@@ -80,6 +81,7 @@ def rel_err(a: mx.array, b: mx.array) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-6))
 
 
+@needs_cuda
 @pytest.mark.parametrize("batch", [1, 3, 8])
 @pytest.mark.parametrize("offset", [0, 1, 17, 31])
 def test_decoder_step_float32_equals_mlx_ops(batch, offset):
@@ -96,6 +98,7 @@ def test_decoder_step_float32_equals_mlx_ops(batch, offset):
     assert max(errs) < FLOAT32_BOUND
 
 
+@needs_cuda
 @pytest.mark.parametrize("batch", [1, 4])
 def test_backbone_step_float32_equals_mlx_ops(batch):
     """Long cache at a device-array position with per-row RoPE positions (the compiled backbone step)."""
@@ -115,6 +118,7 @@ def test_backbone_step_float32_equals_mlx_ops(batch):
     assert max(errs) < FLOAT32_BOUND
 
 
+@needs_cuda
 @pytest.mark.parametrize("batch", [1, 8])
 def test_bfloat16_step_as_close_to_float32_as_mlx_ops(batch):
     """bf16: the fused step's error against float32 is within 1.5x of the MLX bf16 step's (+ one bf16 ulp)."""
@@ -133,6 +137,7 @@ def test_bfloat16_step_as_close_to_float32_as_mlx_ops(batch):
     assert fused_err <= 1.5 * mlx_err + 2**-8
 
 
+@needs_cuda
 def test_not_taken_for_quantized_or_long_rows():
     """Quantized projections and multi-row inputs keep the MLX ops."""
     layer = make_layer(DECODER, seed=1)
@@ -142,3 +147,62 @@ def test_not_taken_for_quantized_or_long_rows():
         assert not fused.applies(layer, mx.zeros((fused.MAX_ROWS + 1, 1, DECODER.embed_dim)))
         nn.quantize(layer, group_size=64, bits=8)
         assert not fused.applies(layer, mx.zeros((1, 1, DECODER.embed_dim)))
+
+
+class OpsKernels:
+    """The four kernels written with MLX ops (their contract), to check ``_fused_step``'s plumbing anywhere."""
+
+    @staticmethod
+    def norm_qkv_rope(x, scale, eps, w, periods, pos, heads, kv_heads, head_dim, cache=None, slot=None):
+        B = x.shape[0]
+        rows = (mx.fast.rms_norm(x, scale, eps) @ w.T).reshape(B, 1, -1, head_dim).transpose(0, 2, 1, 3)
+        rotated = [
+            mx.fast.rope(rows[b : b + 1, : heads + kv_heads], head_dim, traditional=True, base=None, scale=1.0,
+                         offset=pos[b], freqs=periods)
+            for b in range(B)
+        ]
+        qk = mx.concatenate(rotated)
+        q, k, v = qk[:, :heads, 0], qk[:, heads:], rows[:, heads + kv_heads :]
+        if cache is None:
+            return q, k, v
+        return q, *(mx.slice_update(c, new, slot, axes=(2,)) for c, new in zip(cache, (k, v)))
+
+    @staticmethod
+    def attend_out(q, keys, values, slot, w, residual):
+        n = slot.item() + 1
+        out = mx.fast.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n], scale=q.shape[-1] ** -0.5)
+        return out.reshape(q.shape[0], -1) @ w.T + residual
+
+    @staticmethod
+    def norm_gate_up(x, scale, eps, w13):
+        gate, up = mx.split(mx.fast.rms_norm(x, scale, eps) @ w13.T, 2, axis=-1)
+        return nn.silu(gate) * up
+
+    @staticmethod
+    def down(x, w, residual):
+        return x @ w.T + residual
+
+
+@pytest.mark.parametrize("offset", [0, 30])
+def test_fused_step_plumbing_with_ops_kernels(monkeypatch, offset):
+    """Any device: with the kernels stood in by MLX ops, the fused step = the layer (cache, offset, positions)."""
+    for name in ("norm_qkv_rope", "attend_out", "norm_gate_up", "down"):
+        monkeypatch.setattr(fused, name, getattr(OpsKernels, name))
+    monkeypatch.setattr(fused, "active", lambda: fused._enabled)
+    layer = make_layer(DECODER, seed=offset)
+    x = mx.random.normal((2, 1, DECODER.embed_dim))
+    base = filled_cache(DECODER, 2, 32, offset, mx.float32, seed=offset)
+    ref_cache, fused_cache = copy_cache(base), copy_cache(base)
+    ref = step(layer, x, ref_cache, None, offset, use_fused=False)
+    got = step(layer, x, fused_cache, None, offset, use_fused=True)
+    assert fused_cache.offset == ref_cache.offset == offset + 1
+    assert max(rel_err(got, ref), rel_err(fused_cache.keys, ref_cache.keys)) < FLOAT32_BOUND
+    # the long-cache (backbone) branch: MLX's cache write and attention around the kernels
+    layer = make_layer(BACKBONE, seed=1)
+    x = mx.random.normal((2, 1, BACKBONE.embed_dim))
+    base = filled_cache(BACKBONE, 2, 64, offset, mx.float32, seed=2)
+    ref_cache, fused_cache = copy_cache(base), copy_cache(base)
+    ref = step(layer, x, ref_cache, None, offset, use_fused=False)
+    got = step(layer, x, fused_cache, None, offset, use_fused=True)
+    assert fused_cache.offset == ref_cache.offset == offset + 1
+    assert max(rel_err(got, ref), rel_err(fused_cache.keys, ref_cache.keys)) < FLOAT32_BOUND
