@@ -279,7 +279,19 @@ def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source
     )
 
 
-def _launch(name, inputs, outputs, source, arrays, shapes, dtype, warps, template, shared):  # noqa: ANN001
+def _launch(
+    name: str,
+    inputs: list[str],
+    outputs: list[str],
+    source: str,
+    arrays: list[mx.array],
+    shapes: list[tuple[int, ...]],
+    dtype: mx.Dtype,
+    warps: int,
+    template: list[tuple[str, int]],
+    shared: int,
+) -> list[mx.array]:
+    """Run ``source`` with one warp per output unit (``warps`` of them), 8 warps a block."""
     kernel = _kernel(name, tuple(inputs), tuple(outputs), source, shared)
     blocks = -(-warps // _WARPS)
     return kernel(
@@ -292,7 +304,19 @@ def _with_eps(source: str, eps: float) -> str:
     return f"  constexpr float EPS = {float(eps)!r}f;\n" + source
 
 
-def norm_qkv_rope(x, scale, eps, w, periods, pos, heads, kv_heads, head_dim, cache=None, slot=None):  # noqa: ANN001
+def norm_qkv_rope(
+    x: mx.array,
+    scale: mx.array,
+    eps: float,
+    w: mx.array,
+    periods: mx.array,
+    pos: mx.array,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    cache: tuple[mx.array, mx.array] | None = None,
+    slot: mx.array | None = None,
+) -> tuple[mx.array, mx.array, mx.array]:
     """RMSNorm(x) @ qkv^T, RoPE'd at ``pos`` (B,) int32: q (B, H, hd), and k, v.
 
     With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` ((1,) int32) of
@@ -316,7 +340,7 @@ def norm_qkv_rope(x, scale, eps, w, periods, pos, heads, kv_heads, head_dim, cac
     return q, k, v
 
 
-def attend_out(q, keys, values, slot, w, residual):  # noqa: ANN001
+def attend_out(q: mx.array, keys: mx.array, values: mx.array, slot: mx.array, w: mx.array, residual: mx.array) -> mx.array:
     """Attention of q (B, H, hd) over cache positions ``0..slot``, then ``@ w^T + residual`` (B, D)."""
     B, H, HD = q.shape
     KV, S = keys.shape[1], keys.shape[2]
@@ -329,7 +353,7 @@ def attend_out(q, keys, values, slot, w, residual):  # noqa: ANN001
     return out
 
 
-def norm_gate_up(x, scale, eps, w13):  # noqa: ANN001
+def norm_gate_up(x: mx.array, scale: mx.array, eps: float, w13: mx.array) -> mx.array:
     """``silu(RMSNorm(x) @ w1^T) * (RMSNorm(x) @ w3^T)``: (B, I)."""
     B, D = x.shape
     inter = w13.shape[0] // 2
@@ -340,7 +364,7 @@ def norm_gate_up(x, scale, eps, w13):  # noqa: ANN001
     return out
 
 
-def down(x, w, residual):  # noqa: ANN001
+def down(x: mx.array, w: mx.array, residual: mx.array) -> mx.array:
     """``x @ w^T + residual``: (B, D)."""
     B, K = x.shape
     D = w.shape[0]
@@ -355,7 +379,7 @@ def _plain(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear and "bias" not in layer
 
 
-def applies(layer, x: mx.array) -> bool:  # noqa: ANN001
+def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether ``layer`` (a :class:`~.llama.TransformerLayer`) can take one-row step ``x`` (B, 1, D) fused."""
     if not active() or x.ndim != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype not in DTYPES:
         return False
