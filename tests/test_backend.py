@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import csm  # noqa: E402
-from csm.backend import ENV_VAR, choose_blas, default_dtype  # noqa: E402
+from csm.backend import ENV_VAR, blas_thread_env, choose_blas, default_dtype  # noqa: E402
 from csm.cli.generate_mlx import build_parser  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
 
@@ -72,3 +72,13 @@ def test_an_unloadable_library_never_breaks_import(tmp_path):
     env = os.environ | {ENV_VAR: str(bogus), "PYTHONPATH": str(Path(csm.__file__).parents[1])}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["None", "True", "2.0"] or sys.platform != "linux"
+
+
+def test_blis_gets_every_cpu_unless_told():
+    """BLIS runs one thread by default: csm asks for every CPU, unless a thread count is set or it is serial."""
+    assert blas_thread_env(PTHREAD, {}, cpus=8) == {"BLIS_NUM_THREADS": "8"}
+    assert blas_thread_env(PTHREAD, {"OMP_NUM_THREADS": "3"}, cpus=8) == {}
+    assert blas_thread_env(PTHREAD, {"BLIS_NUM_THREADS": "2"}, cpus=8) == {}
+    assert blas_thread_env(PTHREAD, {}, cpus=1) == {}
+    assert blas_thread_env("/usr/lib/x86_64-linux-gnu/blis-serial/libblas.so.3", {}, cpus=8) == {}
+    assert blas_thread_env(OPENMP, {}, cpus=8) == {}  # OpenBLAS already uses every core
