@@ -24,11 +24,11 @@ until a CUDA step asks for it.
 Status: **opt-in**, ``CSM_FUSED_KERNELS=1``. Measured on an H200 (``bench_peer.py``, bf16, one
 process, median of 30 frames): 24.6 ms/frame against 48.2 without these kernels and 110.8 for
 mlx-audio, and every kernel matches the MLX ops (``tests/test_fused_kernels.py``, on the GPU).
-But two of three full-size programs run fresh on that machine (``count_primitives.py``,
-``bench_ttfa.py``) stalled for over 100 s inside their first frames, while ``bench_peer.py``
-and the tests did not; whether that is a hang or a very slow first compile of the kernels
-(NVRTC, cached on disk afterwards in MLX's PTX cache) is not known yet, so the default stays
-with the MLX ops.
+But two other full-size programs on that machine stalled for over 100 s with the kernels on
+(``count_primitives.py`` inside its first frame, ``bench_ttfa.py`` inside its second), while
+``bench_peer.py`` and the tests did not. Whether that is a hang (a kernel fault leaves MLX's
+stream waiting) or a very slow first compile (MLX builds custom kernels with NVRTC in every
+process, with no disk cache) is not known yet, so the default stays with the MLX ops.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import mlx.nn as nn
 
 #: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring).
 DTYPES: set[mx.Dtype] = {mx.bfloat16, mx.float16}
-#: Most rows a fused step takes (beyond, MLX's batched matmuls win).
+#: Most rows a fused step takes (a choice, not a measurement: the kernels read each weight row once
+#: for all rows, but stage every row's activations in shared memory).
 MAX_ROWS = 8
 #: Longest cache the fused attention reads (one warp lane per position).
 MAX_ATTEND = 32
@@ -52,7 +53,7 @@ _MAX_SHARED = 160 * 1024
 _THREADS = 256
 _WARPS = _THREADS // 32
 
-#: Opt-in (``CSM_FUSED_KERNELS=1``) until the first-use stall below is understood.
+#: Opt-in (``CSM_FUSED_KERNELS=1``) until the stall in the module docstring is understood.
 _enabled = os.environ.get("CSM_FUSED_KERNELS", "0") == "1"
 
 
