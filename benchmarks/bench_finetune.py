@@ -40,7 +40,10 @@ def model_args(size: str):
 
 
 def _one(mode: str, dtype: str, steps: int, batch_size: int, rows: int, size: str) -> dict:
+    import csm  # noqa: F401  (first: loads an installed BLIS/OpenBLAS before mlx.core, see csm.backend)
     import mlx.core as mx
+
+    from csm.backend import blas_status
     import numpy as np
     from mlx.utils import tree_flatten
 
@@ -83,6 +86,7 @@ def _one(mode: str, dtype: str, steps: int, batch_size: int, rows: int, size: st
         "samples_per_s": batch_size / float(np.mean(steady)),
         "mlx_peak_gb": mx.get_peak_memory() / 2**30,
         "rss_peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "blas": blas_status().path or blas_status().reason,
     }
 
 
@@ -114,7 +118,8 @@ def main() -> None:
                   f"trainable {r['trainable_M']:.1f} M, "
                   f"first step {r['first_step_s']:.1f} s, step {r['step_s']:.1f} s (CPU {r['step_cpu_s']:.1f} s), "
                   f"{r['samples_per_s']:.3f} samples/s, "
-                  f"MLX peak {r['mlx_peak_gb']:.1f} GB, RSS peak {r['rss_peak_gb']:.1f} GB (build {r['build_s']:.0f} s)")
+                  f"MLX peak {r['mlx_peak_gb']:.1f} GB, RSS peak {r['rss_peak_gb']:.1f} GB (build {r['build_s']:.0f} s), "
+                  f"BLAS: {r['blas']}")
 
 
 if __name__ == "__main__":
