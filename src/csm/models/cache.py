@@ -23,13 +23,19 @@ class KVCache:
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Append (B, KV, L, hd) keys/values; return every cached position so far."""
-        start, end = self.offset, self.offset + keys.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; this step would need {end}")
+        start = self.reserve(keys.shape[2])
+        end = self.offset
         self.keys[:, :, start:end, :] = keys
         self.values[:, :, start:end, :] = values
-        self.offset = end
         return self.keys[:, :, :end, :], self.values[:, :, :end, :]
+
+    def reserve(self, length: int) -> int:
+        """Claim the next ``length`` positions (the caller writes them); returns the first one."""
+        start, end = self.offset, self.offset + length
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; this step would need {end}")
+        self.offset = end
+        return start
 
     def reset(self) -> None:
         """Forget every position (the buffers are kept and overwritten)."""

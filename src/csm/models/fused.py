@@ -376,7 +376,8 @@ def down(x: mx.array, w: mx.array, residual: mx.array) -> mx.array:
     return out
 
 
-def _plain(layer: nn.Module) -> bool:
+def is_plain_linear(layer: nn.Module) -> bool:
+    """A bias-free ``nn.Linear`` (not quantized, not adapter-wrapped): its ``weight`` is the whole map."""
     return type(layer) is nn.Linear and "bias" not in layer
 
 
@@ -385,10 +386,9 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     if not active() or x.ndim != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype not in DTYPES:
         return False
     attn, mlp = layer.attn, layer.mlp
-    if not all(_plain(m) for m in (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)):
+    projections = (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)
+    if not all(is_plain_linear(m) and m.weight.dtype == x.dtype for m in projections):
         return False  # quantized or adapter-wrapped projections take the MLX ops
-    if any(m.weight.dtype != x.dtype for m in (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)):
-        return False
     B, D = x.shape[0], x.shape[2]
     widths = (D, attn.num_heads * attn.head_dim, mlp.w2.weight.shape[1])
     if any(k % (32 * 16 // x.dtype.size) for k in widths) or attn.head_dim % 32:

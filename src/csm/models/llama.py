@@ -174,7 +174,7 @@ def linear(layer: nn.Module, x: mx.array, residual: mx.array | None = None) -> m
     """
     if residual is None:
         return layer(x)
-    if type(layer) is nn.Linear and "bias" not in layer:
+    if fused.is_plain_linear(layer):
         return mx.addmm(residual, x, layer.weight.T)
     return residual + layer(x)
 
@@ -254,8 +254,20 @@ class Attention(nn.Module):
         residual: mx.array | None = None,
     ) -> mx.array:
         """Attention over ``x`` (B, L, D); ``residual`` (B, L, D), when given, is added to the output."""
-        B, L, _ = x.shape
         q, k, v = self.project(x, positions)
+        return self.attend(q, k, v, cache, mask, residual)
+
+    def attend(
+        self,
+        q: mx.array,
+        k: mx.array,
+        v: mx.array,
+        cache: KVCache | None,
+        mask: mx.array | str | None,
+        residual: mx.array | None = None,
+    ) -> mx.array:
+        """Store k, v (B, KV, L, hd) in ``cache``, attend with RoPE'd q (B, H, L, hd), project: (B, L, D)."""
+        B, _, L, _ = q.shape
         if cache is not None:  # None: a whole sequence at once (training), nothing kept
             k, v = cache.update_and_fetch(k, v)
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
@@ -311,19 +323,14 @@ class TransformerLayer(nn.Module):
         qkv = (self.sa_norm.scale, self.sa_norm.eps, attn.qkv_proj.weight, attn._periods, pos)
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         if type(cache) is KVCache and cache.max_len <= fused.MAX_ATTEND:
-            if cache.offset >= cache.max_len:
-                raise ValueError(f"KV cache holds {cache.max_len} positions; this step would need {cache.offset + 1}")
-            slot = mx.array([cache.offset], dtype=mx.int32)
+            slot = mx.array([cache.reserve(1)], dtype=mx.int32)
             q, cache.keys, cache.values = fused.norm_qkv_rope(
                 rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
             )
-            cache.offset += 1
             h = fused.attend_out(q, cache.keys, cache.values, slot, attn.output_proj.weight, rows)
         else:
             q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
-            k, v = cache.update_and_fetch(k, v)
-            out = mx.fast.scaled_dot_product_attention(q[:, :, None], k, v, scale=attn.head_dim**-0.5, mask=mask)
-            h = linear(attn.output_proj, out.reshape(B, 1, -1), residual=x).reshape(B, D)
+            h = attn.attend(q[:, :, None], k, v, cache, mask, residual=x).reshape(B, D)
         gated = fused.norm_gate_up(h, self.mlp_norm.scale, self.mlp_norm.eps, mlp.w13.weight)
         return fused.down(gated, mlp.w2.weight, h).reshape(B, 1, D)
 
