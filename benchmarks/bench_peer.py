@@ -102,36 +102,36 @@ def frame_loops(ours, peer) -> dict:
     def our_frame(rows, cache):
         return compiled(*rows, cache, samplers.frame_noise(1, vocab, compiled.noise_dtype()))
 
-    # Where the fused CUDA layer kernels apply (csm.models.fused), also the compiled frame without them.
-    unfused = CompiledFrame(ours, samplers.draw) if fused.active() else None
+    def eager_frame(rows, cache):
+        return ours.generate_frame(*rows, cache, lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE))
 
-    def unfused_frame(rows, cache):
-        with fused.fused_kernels(False):  # traced (first calls) without the kernels
-            return unfused(*rows, cache, samplers.frame_noise(1, vocab, unfused.noise_dtype()))
+    # csm-mlx sides: (rows, cache) -> codes. Where the fused CUDA layer kernels apply
+    # (csm.models.fused), also the compiled frame without them.
+    sides = {"csm-mlx": our_frame, "csm-mlx eager": eager_frame}
+    if fused.active():
+        unfused = CompiledFrame(ours, samplers.draw)
 
-    eager_sampler = lambda logits, i: sample_topk(logits, TOPK, TEMPERATURE)  # noqa: E731
+        def unfused_frame(rows, cache):
+            with fused.fused_kernels(False):  # traced (first calls) without the kernels
+                return unfused(*rows, cache, samplers.frame_noise(1, vocab, unfused.noise_dtype()))
+
+        sides["csm-mlx unfused"] = unfused_frame
+    caches = {name: ours.make_cache(1) for name in sides}
+    state = {name: frame((tokens, mask), caches[name]) for name, frame in sides.items()}
     peer_sampler = make_sampler(temp=TEMPERATURE, top_k=TOPK)
-    caches = {"csm-mlx": ours.make_cache(1), "csm-mlx eager": ours.make_cache(1)}
-    state = {"csm-mlx": our_frame((tokens, mask), caches["csm-mlx"]),
-             "csm-mlx eager": ours.generate_frame(tokens, mask, caches["csm-mlx eager"], eager_sampler),
-             "mlx-audio": peer.generate_frame(tokens, mask, mx.arange(PROMPT_LEN)[None], peer_sampler)}
-    if unfused is not None:
-        caches["csm-mlx unfused"] = ours.make_cache(1)
-        state["csm-mlx unfused"] = unfused_frame((tokens, mask), caches["csm-mlx unfused"])
+    state["mlx-audio"] = peer.generate_frame(tokens, mask, mx.arange(PROMPT_LEN)[None], peer_sampler)
     mx.eval(*state.values())
     position = [PROMPT_LEN]
 
     def row(codes):
         return mx.concatenate([codes.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
 
-    def ours_frame():
-        state["csm-mlx"] = our_frame((row(state["csm-mlx"]), row_mask), caches["csm-mlx"])
-        mx.eval(state["csm-mlx"])
+    def our_loop(name):
+        def next_frame():
+            state[name] = sides[name]((row(state[name]), row_mask), caches[name])
+            mx.eval(state[name])
 
-    def eager_frame():
-        name = "csm-mlx eager"
-        state[name] = ours.generate_frame(row(state[name]), row_mask, caches[name], eager_sampler)
-        mx.eval(state[name])
+        return next_frame
 
     def peer_frame():
         state["mlx-audio"] = peer.generate_frame(row(state["mlx-audio"]), row_mask, mx.array([[position[0]]]),
@@ -139,13 +139,7 @@ def frame_loops(ours, peer) -> dict:
         mx.eval(state["mlx-audio"])
         position[0] += 1
 
-    def unfused_loop():
-        name = "csm-mlx unfused"
-        state[name] = unfused_frame((row(state[name]), row_mask), caches[name])
-        mx.eval(state[name])
-
-    loops = {"csm-mlx": ours_frame, "csm-mlx eager": eager_frame, "mlx-audio": peer_frame}
-    return loops | ({"csm-mlx unfused": unfused_loop} if unfused is not None else {})
+    return {name: our_loop(name) for name in sides} | {"mlx-audio": peer_frame}
 
 
 def main(argv=None) -> int:

@@ -115,11 +115,16 @@ def blas_thread_env(path: str, env: Mapping[str, str], cpus: int) -> dict[str, s
     GEMM took 188 ms on 1 thread and 95 ms on 2 on the 2-core VM. OpenBLAS already uses every core.
     Nothing changes when the user has chosen a thread count.
     """
-    if "blis" not in os.path.basename(os.path.dirname(path)).lower() + os.path.basename(path).lower():
+    if not is_blis(path):
         return {}
     if "serial" in path or any(env.get(name) for name in BLIS_THREAD_VARS) or cpus < 2:
         return {}
     return {"BLIS_NUM_THREADS": str(cpus)}
+
+
+def is_blis(path: str) -> bool:
+    """The library (by its file or folder name, as distributions install it) is BLIS."""
+    return "blis" in (os.path.basename(os.path.dirname(path)) + os.path.basename(path)).lower()
 
 
 def _cpus() -> int:
@@ -192,7 +197,7 @@ def log_blas(log: logging.Logger = logger) -> None:
     if not on_cpu():
         return
     if _status.path is not None:
-        threads = os.environ.get("BLIS_NUM_THREADS") if "blis" in _status.path else None
+        threads = os.environ.get("BLIS_NUM_THREADS") if is_blis(_status.path) else None
         log.info("MLX CPU matmuls use %s%s", _status.path, f" ({threads} threads)" if threads else "")
     elif _status.hint:
         log.warning("MLX's CPU backend is using its slow reference BLAS (%s); for ~10x faster frames "
