@@ -157,3 +157,18 @@ def test_prefix_reuse_with_build_ahead_across_end_frames(tmp_path):
         frames = [f[0] for f in generate_frames(speaker.model, tokens, mask, samplers, max_frames=cap)]
         np.testing.assert_array_equal(np.stack(frames, axis=1), codes)
         history.append(Segment(turn.speaker, turn.text, codes=codes))
+
+
+def test_compiled_frame_is_built_once_per_thread(model):
+    """A trace holds its thread's MLX streams: each thread gets its own compiled frame, once."""
+    import threading
+
+    draw = Draw(topk=50, temperature=0.9)
+    here = model.compiled_frame(draw)
+    assert model.compiled_frame(draw) is here
+    assert model.compiled_frame(Draw(topk=50, temperature=0.8)) is not here
+    elsewhere = []
+    worker = threading.Thread(target=lambda: elsewhere.extend([model.compiled_frame(draw), model.compiled_frame(draw)]))
+    worker.start()
+    worker.join()
+    assert elsewhere[0] is elsewhere[1] and elsewhere[0] is not here

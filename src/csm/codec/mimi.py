@@ -9,13 +9,13 @@ Inside, activations are (B, T, C), MLX's convolution layout.
 from __future__ import annotations
 
 import math
-import threading
 from dataclasses import dataclass, fields
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..threads import per_thread
 from .checks import check_codes, check_pcm, check_state
 from .conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from .quantizer import SplitResidualVectorQuantizer
@@ -268,10 +268,7 @@ class Mimi(nn.Module):
 
         The weights are compile inputs (read at every call), so replacing them leaves no stale trace.
         """
-        per_thread = self.__dict__.setdefault("_compiled", threading.local())  # not a parameter
-        if not hasattr(per_thread, "stream"):
-            per_thread.stream = mx.compile(self._stream_arrays, inputs=self.state)
-        return per_thread.stream
+        return per_thread(self, "decode_step", lambda: mx.compile(self._stream_arrays, inputs=self.state))
 
     def make_encode_state(self, batch_size: int = 1) -> MimiEncodeState:
         """Fresh streaming-encoder state for ``batch_size`` streams; the caller owns it."""

@@ -7,7 +7,6 @@ injected ``sampler``. Nothing here reads values back to the host, so a whole fra
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +16,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..config import AUDIO_VOCAB_SIZE, MAX_SEQ_LEN, NUM_CODEBOOKS, TEXT_VOCAB_SIZE
+from ..threads import per_thread
 from .cache import FrameCache
 from .frame_step import CompiledFrame, Draw
 from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
@@ -174,11 +174,7 @@ class CSM(nn.Module):
 
         Per thread: a trace holds the thread's MLX streams, which another thread cannot run.
         """
-        per_thread = self.__dict__.setdefault("_compiled_frames", threading.local())  # not a parameter
-        frames = per_thread.__dict__.setdefault("frames", {})  # freed with its thread
-        if draw not in frames:
-            frames[draw] = CompiledFrame(self, draw)
-        return frames[draw]
+        return per_thread(self, draw, lambda: CompiledFrame(self, draw))
 
     def generate_frame(self, tokens: mx.array, mask: mx.array, cache: FrameCache, sampler: Sampler) -> mx.array:
         """One audio frame: backbone over ``tokens`` (prompt or last frame), then all 32 codebooks.
