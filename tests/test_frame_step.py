@@ -172,3 +172,50 @@ def test_compiled_frame_is_built_once_per_thread(model):
     worker.start()
     worker.join()
     assert elsewhere[0] is elsewhere[1] and elsewhere[0] is not here
+
+
+# Runs in a fresh process whose temp dir is empty, so MLX's CPU JIT cache (TMPDIR/mlx/<version>/cpu)
+# lists exactly the fused kernels the compiled frame needed.
+_JIT_FRAMES = r"""
+import mlx.core as mx
+from csm.generation.frames import FrameSamplers, next_frame_rows
+from csm.models import CSM, CSMArgs
+from csm.models.llama import LlamaArgs
+from csm.prompt import text_rows
+
+mx.set_default_device(mx.cpu)
+backbone = LlamaArgs(num_layers=2, embed_dim=64, num_heads=4, num_kv_heads=2, intermediate_dim=128)
+decoder = LlamaArgs(num_layers=2, embed_dim=32, num_heads=4, num_kv_heads=2, intermediate_dim=64)
+model = CSM(CSMArgs(backbone=backbone, decoder=decoder, text_vocab_size=512, audio_vocab_size=64))
+samplers = FrameSamplers(temperature=0.9, topk=20, key=mx.random.key(0))
+frame, cache = model.compiled_frame(samplers.draw), model.make_cache(1)
+tokens, mask = text_rows(list(range(1, 9)))
+rows = (mx.array(tokens[None]), mx.array(mask[None]))
+for _ in range(2):  # the prompt frame, then a one-row step
+    codes = frame(*rows, cache, samplers.frame_noise(1, 64, mx.float32))
+    mx.eval(codes)
+    rows = next_frame_rows(codes)
+"""
+
+
+def test_compiled_frame_jit_kernels_do_not_repeat_per_codebook(tmp_path):
+    """A fused kernel is JIT-compiled per distinct scalar constant: none may differ per codebook.
+
+    ``mx.compile`` writes scalar constants into the generated kernel's source, so an offset written
+    as ``i * vocab`` in the 31-step depth loop cost 31 compiles of one kernel (on a cold H200 the
+    first frame took 129 s). Constants may differ per transformer stack (eps, width), never per step.
+    """
+    import collections
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", _JIT_FRAMES], env=env, check=True, timeout=300)
+    libraries = [p.name for p in tmp_path.glob("mlx/*/cpu/*") if p.suffix in (".so", ".dylib")]
+    assert len(libraries) > 5, f"no JIT cache found under {tmp_path}: {libraries}"
+    # Name = ops + a hash of the constants + layout: the same ops with other constants share a key.
+    kernels = collections.Counter(re.sub(r"_\d{6,}_", "_", name) for name in libraries)
+    repeated = {name: n for name, n in kernels.items() if n > 2}
+    assert not repeated, f"kernels compiled once per constant value (per step?): {repeated}"

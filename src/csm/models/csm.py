@@ -105,6 +105,10 @@ class CSM(nn.Module):
             start=mx.zeros((batch_size,), dtype=mx.int32),
         )
 
+    def _codebook_offsets(self) -> mx.array:
+        """(K,) int32: where codebook ``i``'s rows start in :attr:`audio_embeddings` (``i * audio_vocab_size``)."""
+        return mx.arange(self.args.audio_num_codebooks, dtype=mx.int32) * self.args.audio_vocab_size
+
     def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """Masked sum over the 33 columns: audio codes (with per-codebook offsets) and the text token.
 
@@ -115,10 +119,10 @@ class CSM(nn.Module):
         Returns:
             (B, S, D) embeddings in the model dtype.
         """
-        k, vocab = self.args.audio_num_codebooks, self.args.audio_vocab_size
+        k = self.args.audio_num_codebooks
         if tokens.ndim != 3 or tokens.shape[-1] != k + 1 or mask.shape != tokens.shape:
             raise ValueError(f"tokens and mask must both be (B, S, {k + 1}), got {tokens.shape} and {mask.shape}")
-        audio = self.audio_embeddings(tokens[..., :k] + mx.arange(k, dtype=tokens.dtype) * vocab)
+        audio = self.audio_embeddings(tokens[..., :k] + self._codebook_offsets())
         text = self.text_embeddings(tokens[..., k:])  # (B, S, 1, D)
         embeds = mx.concatenate([audio, text], axis=-2)  # (B, S, 33, D)
         return mx.where(mask[..., None], embeds, mx.zeros((), embeds.dtype)).sum(axis=-2).astype(self.dtype)
@@ -158,7 +162,10 @@ class CSM(nn.Module):
         Returns:
             (B, K) int32 codes.
         """
-        vocab = self.args.audio_vocab_size
+        # Each codebook's row offset in the shared table, sliced per step rather than written as
+        # ``i * vocab``: under mx.compile a scalar constant is baked into the fused kernel's source,
+        # so 31 Python offsets made 31 kernels to JIT-compile (seconds each on a cold CUDA machine).
+        offsets = self._codebook_offsets()
         for layer_cache in cache.decoder:
             layer_cache.reset()
         codes = [c0]
@@ -166,7 +173,7 @@ class CSM(nn.Module):
         for i in range(1, self.args.audio_num_codebooks):
             h = self.decoder_step(embeds, cache)[:, -1]
             codes.append(sampler(h @ self.audio_head[i - 1], i))
-            embeds = self.audio_embeddings(codes[-1] + i * vocab)  # (B, 1, D)
+            embeds = self.audio_embeddings(codes[-1] + offsets[i])  # (B, 1, D)
         return mx.concatenate(codes, axis=1).astype(mx.int32)
 
     def compiled_frame(self, draw: Draw) -> CompiledFrame:
