@@ -16,7 +16,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..audio import AudioError, AudioWriter, check_output_path, read_audio, trim_trailing_silence, write_audio
-from ..backend import log_blas
+from ..backend import log_backend
 from ..config import FRAME_RATE, SAMPLE_RATE
 from ..prompt import Segment
 from ..weights.hub import DEFAULT_MODEL, ModelNotAvailable, is_repo_id
@@ -183,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         repo = args.model if is_repo_id(args.model) else None
         context = load_voice(args.voice, args.speaker, weights_dir=speaker.weights_dir, weights_repo=repo) + context
     logger.info("model ready in %.1f s", time.perf_counter() - started)
-    log_blas(logger)
+    log_backend(logger)
 
     options = sampling_options(args)
     started = time.perf_counter()

@@ -20,6 +20,7 @@ from ..threads import per_thread
 from .cache import FrameCache
 from .frame_step import CompiledFrame, Draw
 from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
+from .views import row
 
 #: ``sampler(logits (B, V), codebook) -> (B, 1) int32``, called for codebooks 0, 1, ..., 31 in order.
 Sampler = Callable[[mx.array, int], mx.array]
@@ -172,8 +173,8 @@ class CSM(nn.Module):
         embeds = mx.concatenate([last_h[:, None], self.audio_embeddings(c0)], axis=1)  # (B, 2, D)
         for i in range(1, self.args.audio_num_codebooks):
             h = self.decoder_step(embeds, cache)[:, -1]
-            codes.append(sampler(h @ self.audio_head[i - 1], i))
-            embeds = self.audio_embeddings(codes[-1] + offsets[i])  # (B, 1, D)
+            codes.append(sampler(h @ row(self.audio_head, i - 1), i))
+            embeds = self.audio_embeddings(codes[-1] + row(offsets, i))  # (B, 1, D)
         return mx.concatenate(codes, axis=1).astype(mx.int32)
 
     def compiled_frame(self, draw: Draw) -> CompiledFrame:

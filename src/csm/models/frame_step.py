@@ -24,6 +24,7 @@ import mlx.core as mx
 
 from ..sampling import check_sampling_args, sample_topk
 from .cache import FrameCache, StepKV
+from .views import row
 
 #: Attention spans grow in steps of this many positions: one trace per step, not per frame.
 SPAN_STEP = 256
@@ -95,7 +96,7 @@ class CompiledFrame:
         d = self.draw
 
         def sample(logits: mx.array, codebook: int) -> mx.array:
-            q = None if noise is None else noise[codebook]
+            q = None if noise is None else row(noise, codebook)
             return sample_topk(logits, d.topk, d.temperature, noise=q, safety=d.safety, precision=d.precision)
 
         return sample

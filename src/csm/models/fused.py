@@ -21,14 +21,15 @@ are used for half-precision weights only: float32, the dtype the parity tests ru
 MLX ops (:data:`DTYPES`). Metal and the CPU always use the MLX ops; nothing here is compiled
 until a CUDA step asks for it.
 
-Status: **opt-in**, ``CSM_FUSED_KERNELS=1``. Measured on an H200 (``bench_peer.py``, bf16, one
-process, median of 30 frames): 24.6 ms/frame against 48.2 without these kernels and 110.8 for
-mlx-audio, and every kernel matches the MLX ops (``tests/test_fused_kernels.py``, on the GPU).
-But two other full-size programs on that machine stalled for over 100 s with the kernels on
-(``count_primitives.py`` inside its first frame, ``bench_ttfa.py`` inside its second), while
-``bench_peer.py`` and the tests did not. Whether that is a hang (a kernel fault leaves MLX's
-stream waiting) or a very slow first compile (MLX builds custom kernels with NVRTC in every
-process, with no disk cache) is not known yet, so the default stays with the MLX ops.
+Status: **on by default** on CUDA (``CSM_FUSED_KERNELS=0`` turns it off). Measured on an H200
+(``bench_peer.py``, bf16, one process, median of 20 alternating frames): 21.8 ms/frame against 38.3
+without these kernels and 87.8 for mlx-audio; a frame is 1,399 MLX work primitives on CUDA (3,757
+before any of this work). Every kernel matches the MLX ops (``tests/test_fused_kernels.py``, on the GPU).
+
+The first frame of a process on a machine that has never run csm-mlx is slow (47 s on an H200, the
+second 24 s): MLX JIT-compiles its fused element-wise kernels (~1-4 s each, kept on disk under
+``$TMPDIR/mlx/<version>/ptx`` or ``MLX_PTX_CACHE_DIR`` for later processes) and these custom kernels
+(NVRTC, every process). That was once read as a stall of this module: the kernels were never the cause.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ _MAX_SHARED = 160 * 1024
 _THREADS = 256
 _WARPS = _THREADS // 32
 
-#: Opt-in (``CSM_FUSED_KERNELS=1``) until the stall in the module docstring is understood.
-_enabled = os.environ.get("CSM_FUSED_KERNELS", "0") == "1"
+#: On unless ``CSM_FUSED_KERNELS=0`` (the MLX ops are still what Metal, the CPU and float32 run).
+_enabled = os.environ.get("CSM_FUSED_KERNELS", "1") != "0"
 
 
 @contextlib.contextmanager
