@@ -6,6 +6,9 @@ to the first 80 ms of PCM on the host. A length seen before shows the warm cost;
 shows what new shapes cost (kernel plans, graphs) on top. Also reported: the steady ms/frame of
 the same loop, for scale.
 
+The warm-up request's own time is printed too: on a machine whose MLX kernel cache is empty it is
+the cold start (MLX JIT-compiles the frame's kernels; see docs/model.md, "Fused CUDA kernels").
+
 Run: ``python benchmarks/bench_ttfa.py [--lengths 200 200 201 260 200] [--json F]``.
 """
 
@@ -52,7 +55,12 @@ def main() -> None:
     args = parser.parse_args()
     dtype = default_dtype() if args.dtype == "auto" else args.dtype
     model, mimi = build_csm(getattr(mx, dtype)), build_mimi()
-    first_audio(model, mimi, 50, seed=99, frames=3)  # warm-up: traces, kernels
+    # Warm-up: traces and kernel compiles. With an empty MLX kernel cache (a fresh machine, or
+    # MLX_PTX_CACHE_DIR=$(mktemp -d) on CUDA) this is what a user's very first request waits.
+    started = time.perf_counter()
+    first_audio(model, mimi, 50, seed=99, frames=3)
+    warm_up = time.perf_counter() - started
+    print(f"warm-up request (50 rows, 3 frames; compiles included): {warm_up:.1f} s", flush=True)
     rows = []
     seen: set[int] = set()
     for index, length in enumerate(args.lengths):
@@ -63,7 +71,7 @@ def main() -> None:
         print(f"prompt {length:>5} rows ({'new' if rows[-1]['new_length'] else 'seen'} length): "
               f"first audio {rows[-1]['ttfa_ms']:>7.1f} ms, then {rows[-1]['ms_per_frame']:.1f} ms/frame", flush=True)
     report = {"device": str(mx.default_device()), "machine": platform.machine(), "mlx": mx.__version__,
-              "dtype": dtype, "requests": rows}
+              "dtype": dtype, "warm_up_s": round(warm_up, 2), "requests": rows}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
 

@@ -82,3 +82,31 @@ def test_blis_gets_every_cpu_unless_told():
     assert blas_thread_env(PTHREAD, {}, cpus=1) == {}
     assert blas_thread_env("/usr/lib/x86_64-linux-gnu/blis-serial/libblas.so.3", {}, cpus=8) == {}
     assert blas_thread_env(OPENMP, {}, cpus=8) == {}  # OpenBLAS already uses every core
+
+
+def test_a_cold_cuda_machine_is_told_about_the_first_compile(tmp_path, monkeypatch, caplog):
+    """On CUDA with an empty kernel cache, one line says the first frames wait for a compile; not once cached."""
+    import logging
+
+    from csm import backend
+
+    monkeypatch.setenv("MLX_PTX_CACHE_DIR", str(tmp_path / "ptx"))
+    assert backend.ptx_cache_dir() == tmp_path / "ptx"
+    monkeypatch.setattr(backend, "on_cpu", lambda: False)
+    monkeypatch.setattr(backend, "is_cuda", lambda: True)
+    log = logging.getLogger("csm.test")
+    with caplog.at_level(logging.INFO, logger="csm.test"):
+        backend.log_backend(log)
+        (tmp_path / "ptx").mkdir()
+        backend.log_backend(log)  # exists, still empty
+        (tmp_path / "ptx" / "kernel.ptx").write_text("")
+        backend.log_backend(log)  # cached: silent
+        told = [r.getMessage() for r in caplog.records if "compiles its GPU kernels" in r.getMessage()]
+        assert len(told) == 2 and str(tmp_path / "ptx") in told[0]
+        monkeypatch.setattr(backend, "is_cuda", lambda: False)  # Metal: nothing to say
+        caplog.clear()
+        (tmp_path / "ptx" / "kernel.ptx").unlink()
+        backend.log_backend(log)
+        assert not caplog.records
+    monkeypatch.delenv("MLX_PTX_CACHE_DIR")
+    assert backend.ptx_cache_dir().parts[-3:] == ("mlx", mx.__version__, "ptx")

@@ -22,6 +22,7 @@ This module must not import ``mlx.core`` at import time.
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import logging
 import os
@@ -185,7 +186,9 @@ def on_cpu() -> bool:
     return mx.default_device().type == mx.DeviceType.cpu
 
 
-def _is_cuda() -> bool:
+@functools.cache
+def is_cuda() -> bool:
+    """MLX's CUDA backend is present and sees a GPU (imports ``mlx.core``)."""
     import mlx.core as mx
 
     cuda = getattr(mx, "cuda", None)  # absent from some builds
@@ -215,7 +218,7 @@ def log_backend(log: logging.Logger = logger) -> None:
     CUDA machine's first-run kernel compile."""
     if not on_cpu():
         cache = ptx_cache_dir()
-        if _is_cuda() and not (cache.is_dir() and any(cache.iterdir())):
+        if is_cuda() and not (cache.is_dir() and any(cache.iterdir())):
             # Measured on an H200: 47 s before the first frame, 24 s before the second, then cached.
             log.info("first run on this machine: MLX compiles its GPU kernels (about a minute), "
                      "kept in %s for later runs (MLX_PTX_CACHE_DIR sets the folder)", cache)

@@ -42,6 +42,8 @@ from collections.abc import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..backend import is_cuda
+
 #: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring).
 DTYPES: set[mx.Dtype] = {mx.bfloat16, mx.float16}
 #: Most rows a fused step takes (a choice, not a measurement: the kernels read each weight row once
@@ -72,14 +74,9 @@ def fused_kernels(enabled: bool) -> Iterator[None]:
         _enabled = previous
 
 
-@functools.cache
-def _cuda() -> bool:
-    return mx.cuda.is_available()
-
-
 def active() -> bool:
     """Whether steps traced now may use the fused kernels (enabled, default device a CUDA GPU)."""
-    return _enabled and mx.default_device() == mx.gpu and _cuda()
+    return _enabled and mx.default_device() == mx.gpu and is_cuda()
 
 
 _HEADER = r"""
