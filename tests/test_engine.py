@@ -21,6 +21,7 @@ from csm.generation.engine import Cancelled, Engine, QueueFull, Request  # noqa:
 from csm.generation.slots import row_noise  # noqa: E402
 from csm.prompt import Segment  # noqa: E402
 from csm.generation.frames import FrameSamplers  # noqa: E402
+from batched_rows import assert_same_as_solo  # noqa: E402
 from tiny_checkpoint import write_model_dir  # noqa: E402
 
 MS = 480  # 6 frames per request
@@ -48,18 +49,6 @@ def differing(a: np.ndarray, b: np.ndarray) -> float:
     return diff / (32 * max(a.shape[1], b.shape[1], 1))
 
 
-def assert_solo_audio(batched: np.ndarray, alone: np.ndarray) -> None:
-    """A row of the engine's batched Mimi decode against the same audio decoded alone: bit for bit on the CPU.
-
-    On a GPU, float32 matmuls over several rows and over one round differently (on an H200: up to
-    2.5e-7 absolute on audio of amplitude ~0.02, in test_busy_batch_equals_solo), so there: within 1e-6.
-    """
-    if mx.default_device().type == mx.DeviceType.cpu:
-        np.testing.assert_array_equal(batched, alone)
-    else:
-        np.testing.assert_allclose(batched, alone, rtol=0, atol=1e-6)
-
-
 def test_row_noise_is_the_solo_draw():
     """Two frames of per-row noise equal what a solo run's FrameSamplers draws from the same seed."""
     keys = mx.stack([mx.random.key(s) for s in (1, 2, 3)])
@@ -81,7 +70,7 @@ def test_busy_batch_equals_solo(speaker):
         results = [job.result(timeout=120) for job in [engine.submit(r) for r in requests]]
     greedy_stream = np.concatenate([c.pcm for c in speaker.generate_stream(
         requests[0].text, seed=1, temperature=0, max_audio_length_ms=MS)])
-    assert_solo_audio(results[0].audio, greedy_stream)  # greedy: the very solo audio
+    assert_same_as_solo(results[0].audio, greedy_stream)  # greedy: the very solo audio
     for request, result in zip(requests, results):
         reference = solo(speaker, request)
         assert result.codes[0].shape[1] > 0 and result.seed == request.seed
@@ -107,7 +96,7 @@ def test_every_row_streams_its_solo_audio(speaker):
             request.text, request.speaker, seed=request.seed, temperature=0,
             max_audio_length_ms=request.max_audio_length_ms)])  # fmt: skip
         assert result.audio.size > 0
-        assert_solo_audio(result.audio, alone)
+        assert_same_as_solo(result.audio, alone)
 
 
 def test_join_mid_flight_longer_prompt_and_compaction(speaker):
@@ -173,7 +162,7 @@ def test_torch_seed_runs_unbatched_and_exact(speaker):
         batched.result(timeout=120)
     expected = np.concatenate([c.pcm for c in speaker.generate_stream(
         request.text, torch_seed=3, max_audio_length_ms=MS)])
-    assert_solo_audio(result.audio, expected)
+    assert_same_as_solo(result.audio, expected)
     assert result.torch_seed == 3
 
 
