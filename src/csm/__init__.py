@@ -21,9 +21,15 @@ os.environ.setdefault("MLX_ENABLE_TF32", "0")
 # Linux CPU: the mlx[cpu] wheel's bundled reference BLAS runs float32 matmuls ~10-50x slower than
 # an installed BLIS or OpenBLAS; load that globally before mlx.core is imported so MLX's matmuls
 # use it (CSM_MLX_BLAS=reference turns this off; see csm.backend).
-from .backend import use_fast_blas  # noqa: E402
+from .backend import persistent_ptx_cache, use_fast_blas  # noqa: E402
 
 use_fast_blas()
+
+# MLX's CUDA backend JIT-compiles the frame's kernels on a machine's first run (about a minute)
+# and keeps them under the temp dir, which a reboot may wipe: keep them with the user's caches.
+# A MLX_PTX_CACHE_DIR set by the user wins.
+if "MLX_PTX_CACHE_DIR" not in os.environ and (_ptx := persistent_ptx_cache(os.environ)):
+    os.environ["MLX_PTX_CACHE_DIR"] = _ptx
 
 __version__ = "0.1.0"
 

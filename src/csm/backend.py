@@ -204,6 +204,24 @@ def default_dtype() -> str:
     return "float32" if on_cpu() else "bfloat16"
 
 
+def persistent_ptx_cache(env: Mapping[str, str]) -> str | None:
+    """The folder csm asks MLX's CUDA backend to keep its compiled kernels in, or None if unknown.
+
+    ``$XDG_CACHE_HOME/csm-mlx/mlx-ptx/<mlx version>/<host>`` (``~/.cache`` by default). MLX's own
+    default is under the temp dir, which a reboot may empty, and rebuilding costs about a minute per
+    machine. Per host, because a home folder shared by a cluster may span GPUs of other
+    architectures, whose kernels MLX's cache does not tell apart.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_version = version("mlx")
+        root = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    except (PackageNotFoundError, RuntimeError, KeyError):  # no mlx metadata, or no home folder
+        return None
+    return str(root / "csm-mlx" / "mlx-ptx" / mlx_version / (platform.node() or "localhost"))
+
+
 def ptx_cache_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Where MLX's CUDA backend keeps the kernels it JIT-compiles (``MLX_PTX_CACHE_DIR``, else the temp dir)."""
     import mlx.core as mx

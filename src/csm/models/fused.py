@@ -28,7 +28,8 @@ before any of this work). Every kernel matches the MLX ops (``tests/test_fused_k
 
 The first frame of a process on a machine that has never run csm-mlx is slow (47 s on an H200, the
 second 24 s): MLX JIT-compiles its fused element-wise kernels (~1-4 s each, kept on disk under
-``$TMPDIR/mlx/<version>/ptx`` or ``MLX_PTX_CACHE_DIR`` for later processes) and these custom kernels
+``MLX_PTX_CACHE_DIR``, which ``import csm`` sets to ``~/.cache/csm-mlx/mlx-ptx/<mlx version>/<host>``
+unless given, for later processes) and these custom kernels
 (NVRTC, every process). That was once read as a stall of this module: the kernels were never the cause.
 """
 
