@@ -210,6 +210,22 @@ def test_queue_full_and_timeout_in_process(model_dir):
         assert response.status_code == 504 and response.json()["error"]["type"] == "timeout"
 
 
+def test_serve_warms_up_before_binding(model_dir):
+    """The startup utterance runs frames through the engine (the first client finds the traces
+    built); --no-warmup skips it."""
+    import csm
+    from csm.cli.serve import build_parser, warm_up
+    from csm.generation.engine import Engine
+
+    generator = csm.load(str(model_dir), dtype="float32")
+    with Engine(generator, slots=2) as engine:
+        assert engine.stats()["frames"] == 0
+        assert warm_up(engine) > 0
+        assert engine.stats()["frames"] >= 1  # up to 3 (240 ms), fewer if the utterance ends early
+    assert build_parser().parse_args(["--no-warmup"]).no_warmup
+    assert not build_parser().parse_args([]).no_warmup
+
+
 def test_sigterm_is_graceful(model_dir, tmp_path):
     """Also: the key can come from CSM_API_KEY."""
     srv = Server(model_dir, "--graceful-s", "2", log=tmp_path / "server.log", env={"CSM_API_KEY": "env-key"})

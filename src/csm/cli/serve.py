@@ -2,7 +2,9 @@
 
 Binds 127.0.0.1 unless ``--host`` says otherwise; ``--api-key`` (or ``CSM_API_KEY``) requires
 ``Authorization: Bearer KEY`` on the API routes. SIGINT/SIGTERM stop accepting connections, let
-running responses finish for ``--graceful-s`` seconds, then cancel the rest.
+running responses finish for ``--graceful-s`` seconds, then cancel the rest. Before binding, one
+short utterance is spoken with the default options (``--no-warmup`` skips it), so the first client
+does not wait for tracing and kernel compiles (about a minute on a CUDA machine's first run).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 
 from ..weights.hub import DEFAULT_MODEL
 from .generate_mlx import USER_ERRORS
@@ -55,7 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request")
     limits.add_argument("--graceful-s", type=int, default=10, help="seconds running responses get on shutdown")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="bind at once; the first request then pays for tracing and kernel compiles")
     return parser
+
+
+def warm_up(engine) -> float:  # noqa: ANN001  (csm.generation.engine.Engine, imported lazily)
+    """Speak one short utterance with the default options; returns the seconds it took.
+
+    It traces the compiled frame and the streaming Mimi step and fills MLX's kernel caches, which the
+    first client would otherwise wait for.
+    """
+    from ..generation.engine import Request
+
+    start = time.perf_counter()
+    engine.generate(Request("Hello.", seed=0, max_audio_length_ms=240))
+    return time.perf_counter() - start
 
 
 def load_voices(generator, specs: list[str]) -> dict:
@@ -80,6 +98,7 @@ def load_voices(generator, specs: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from ..backend import log_backend
     from ..generation.engine import Engine
     from ..serve.app import Limits, create_app
 
@@ -87,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     generator = load_generator(args)
     voices = load_voices(generator, args.voice)
     engine = Engine(generator, slots=args.slots, max_queue=args.max_queue)
+    if not args.no_warmup:
+        log_backend(logger)
+        logger.info("warming up (one short utterance)")
+        logger.info("warm in %.1f s", warm_up(engine))
     limits = Limits(args.max_input_chars, args.max_audio_ms, args.request_timeout)
     name = os.path.basename(os.path.normpath(str(args.model))) or "csm-1b"
     app = create_app(engine, model_name=name, voices=voices, api_key=api_key, limits=limits)
