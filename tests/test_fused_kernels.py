@@ -206,3 +206,20 @@ def test_fused_step_plumbing_with_ops_kernels(monkeypatch, offset):
     got = step(layer, x, fused_cache, None, offset, use_fused=True)
     assert fused_cache.offset == ref_cache.offset == offset + 1
     assert max(rel_err(got, ref), rel_err(fused_cache.keys, ref_cache.keys)) < FLOAT32_BOUND
+
+
+def test_fused_path_fits_the_gpus_shared_memory(monkeypatch):
+    """The kernels stage every row's input in shared memory: 8 rows of an 8,192-wide MLP input
+    (128 KB) exceed a consumer GPU's block (99 KB at compute capability 8.6), so there those rows
+    take the MLX ops; an unknown GPU gets what needs no opt-in (48 KB)."""
+    assert fused.shared_limit((9, 0)) == 160 * 1024  # H100/H200: the module's own cap
+    assert fused.shared_limit((8, 6)) == 98 * 1024
+    assert fused.shared_limit(None) == fused.shared_limit((1, 0)) == 47 * 1024
+    monkeypatch.setattr(fused, "DTYPES", {mx.bfloat16})
+    monkeypatch.setattr(fused, "active", lambda: True)
+    layer = TransformerLayer(LlamaArgs(num_layers=1, embed_dim=256, num_heads=4, num_kv_heads=2, intermediate_dim=8192))
+    layer.set_dtype(mx.bfloat16)
+    cases = [((9, 0), 8, True), ((8, 6), 8, False), ((8, 6), 6, True), (None, 2, True), (None, 3, False)]
+    for capability, rows, expected in cases:
+        monkeypatch.setattr(fused, "_device_shared_limit", lambda c=capability: fused.shared_limit(c))
+        assert fused.applies(layer, mx.zeros((rows, 1, 256), mx.bfloat16)) is expected, (capability, rows)

@@ -52,8 +52,15 @@ DTYPES: set[mx.Dtype] = {mx.bfloat16, mx.float16}
 MAX_ROWS = 8
 #: Longest cache the fused attention reads (one warp lane per position).
 MAX_ATTEND = 32
-#: Activations staged in shared memory, per block.
+#: Activations staged in shared memory, per block, at most (a choice; see :func:`shared_limit`).
 _MAX_SHARED = 160 * 1024
+#: Dynamic shared memory a block may opt into, KB, by compute capability (CUDA C++ Programming
+#: Guide, "Technical Specifications per Compute Capability"). 48 KB needs no opt-in.
+_OPT_IN_SHARED_KB = {
+    (7, 0): 96, (7, 2): 96, (7, 5): 64, (8, 0): 163, (8, 6): 99, (8, 7): 163, (8, 9): 99,
+    (9, 0): 227, (10, 0): 227, (10, 3): 227, (12, 0): 99, (12, 1): 99,
+}
+_NO_OPT_IN = 48 * 1024
 _THREADS = 256
 _WARPS = _THREADS // 32
 
@@ -380,6 +387,28 @@ def is_plain_linear(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear and "bias" not in layer
 
 
+def shared_limit(capability: tuple[int, int] | None) -> int:
+    """Bytes of activations a fused kernel may stage on a GPU of this compute capability.
+
+    The kernels stage every row's input in shared memory: 8 rows of the 8,192-wide MLP input are
+    128 KB, more than a consumer GPU's block may hold (99 KB on compute capability 8.6/8.9/12.x).
+    1 KB is left for the kernels' own small arrays; unknown GPUs get what needs no opt-in.
+    """
+    limit_kb = _OPT_IN_SHARED_KB.get(capability) if capability else None
+    limit = limit_kb * 1024 if limit_kb else _NO_OPT_IN
+    return min(_MAX_SHARED, limit - 1024)
+
+
+@functools.cache
+def _device_shared_limit() -> int:
+    try:
+        info = mx.device_info(mx.gpu)
+    except (AttributeError, RuntimeError, ValueError):  # an MLX without device_info, or no GPU
+        info = {}
+    major, minor = info.get("compute_capability_major"), info.get("compute_capability_minor")
+    return shared_limit((int(major), int(minor)) if major is not None and minor is not None else None)
+
+
 def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether ``layer`` (a :class:`~.llama.TransformerLayer`) can take one-row step ``x`` (B, 1, D) fused."""
     if not active() or x.ndim != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype not in DTYPES:
@@ -392,4 +421,4 @@ def applies(layer: nn.Module, x: mx.array) -> bool:
     widths = (D, attn.num_heads * attn.head_dim, mlp.w2.weight.shape[1])
     if any(k % (32 * 16 // x.dtype.size) for k in widths) or attn.head_dim % 32:
         return False
-    return max(widths) * B * x.dtype.size <= _MAX_SHARED
+    return max(widths) * B * x.dtype.size <= _device_shared_limit()
