@@ -17,7 +17,7 @@ the cache), 3 and 4: 7 kernels a layer instead of 11.
 
 Every kernel rounds where the MLX ops round (matmul outputs, the normalised input, SiLU) and
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
-are used for half-precision weights only: float32, the dtype the parity tests run in, keeps the
+are used for bfloat16 weights only (float16 builds too, untested on a GPU): float32, the dtype the parity tests run in, keeps the
 MLX ops (:data:`DTYPES`). Metal and the CPU always use the MLX ops; nothing here is compiled
 until a CUDA step asks for it.
 
@@ -45,8 +45,9 @@ import mlx.nn as nn
 
 from ..backend import is_cuda
 
-#: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring).
-DTYPES: set[mx.Dtype] = {mx.bfloat16, mx.float16}
+#: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring;
+#: float16 too until its kernels have run against the MLX ops on a GPU).
+DTYPES: set[mx.Dtype] = {mx.bfloat16}  # the kernels also build for float16, untested on a GPU so far
 #: Most rows a fused step takes (a choice, not a measurement: the kernels read each weight row once
 #: for all rows, but stage every row's activations in shared memory).
 MAX_ROWS = 8
