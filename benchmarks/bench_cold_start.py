@@ -36,14 +36,9 @@ def child(size: str, frames: int, prompt: int, cpu: bool) -> None:
     if cpu:
         mx.set_default_device(mx.cpu)
     dtype = getattr(mx, default_dtype())
-    if size == "full":
-        from bench_generate import build_csm
+    from count_primitives import build
 
-        model = build_csm(dtype)
-    else:
-        from count_primitives import build
-
-        model = build("tiny", dtype)
+    model = build(size, dtype)
     tokens, mask = text_rows(list(range(1, prompt + 1)))
     samplers = FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
     frame, cache = model.compiled_frame(samplers.draw), model.make_cache(1)

@@ -34,8 +34,9 @@ from csm.sampling import TorchCompatibleGenerator
 from csm.prompt import text_rows
 
 
-def build_csm(dtype: mx.Dtype) -> CSM:
-    model = CSM(CSMArgs.from_flavors("llama-1B", "llama-100M"))
+def build_csm(dtype: mx.Dtype, args: CSMArgs | None = None) -> CSM:
+    """Random weights (CSM-1B unless ``args``) in ``dtype``; the audio head at a trained-like scale."""
+    model = CSM(args or CSMArgs.from_flavors("llama-1B", "llama-100M"))
     model.audio_head = mx.random.normal(model.audio_head.shape) * 0.03
     model.set_dtype(dtype)
     mx.eval(model.parameters())

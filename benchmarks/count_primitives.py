@@ -29,6 +29,8 @@ from csm.models import CSM, CSMArgs
 from csm.models.llama import LlamaArgs
 from csm.prompt import text_rows
 
+from bench_generate import build_csm
+
 #: Primitives that only re-describe memory (no kernel of their own when their input is contiguous).
 VIEW_OPS = frozenset(
     {"Reshape", "Transpose", "Slice", "Broadcast", "BroadcastAxes", "AsStrided", "ExpandDims",
@@ -45,12 +47,7 @@ def tiny_args() -> CSMArgs:
 
 
 def build(size: str, dtype: mx.Dtype) -> CSM:
-    args = tiny_args() if size == "tiny" else CSMArgs.from_flavors("llama-1B", "llama-100M")
-    model = CSM(args)
-    model.audio_head = mx.random.normal(model.audio_head.shape) * 0.03
-    model.set_dtype(dtype)
-    mx.eval(model.parameters())
-    return model
+    return build_csm(dtype, tiny_args() if size == "tiny" else None)
 
 
 def frame_graph(model: CSM, path: str, prompt_rows: int = 20) -> str:

@@ -47,7 +47,7 @@ from ..backend import is_cuda
 
 #: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring;
 #: float16 too until its kernels have run against the MLX ops on a GPU).
-DTYPES: set[mx.Dtype] = {mx.bfloat16}  # the kernels also build for float16, untested on a GPU so far
+DTYPES: set[mx.Dtype] = {mx.bfloat16}
 #: Most rows a fused step takes (a choice, not a measurement: the kernels read each weight row once
 #: for all rows, but stage every row's activations in shared memory).
 MAX_ROWS = 8
