@@ -150,7 +150,7 @@ def test_not_taken_for_quantized_or_long_rows():
 
 
 class OpsKernels:
-    """The four kernels written with MLX ops (their contract), to check ``_fused_step``'s plumbing anywhere."""
+    """The kernels written with MLX ops (their contract), to check ``_fused_step``'s plumbing anywhere."""
 
     @staticmethod
     def norm_qkv_rope(x, scale, eps, w, periods, pos, heads, kv_heads, head_dim, cache=None, slot=None):
@@ -174,6 +174,14 @@ class OpsKernels:
         return out.reshape(q.shape[0], -1) @ w.T + residual
 
     @staticmethod
+    def attend_masked(q, keys, values, mask):
+        L = mask.shape[1]
+        out = mx.fast.scaled_dot_product_attention(
+            q[:, :, None], keys[:, :, :L], values[:, :, :L], scale=q.shape[-1] ** -0.5, mask=mask[:, None, None, :]
+        )
+        return out.reshape(q.shape[0], -1)
+
+    @staticmethod
     def norm_gate_up(x, scale, eps, w13):
         gate, up = mx.split(mx.fast.rms_norm(x, scale, eps) @ w13.T, 2, axis=-1)
         return nn.silu(gate) * up
@@ -186,7 +194,7 @@ class OpsKernels:
 @pytest.mark.parametrize("offset", [0, 30])
 def test_fused_step_plumbing_with_ops_kernels(monkeypatch, offset):
     """Any device: with the kernels stood in by MLX ops, the fused step = the layer (cache, offset, positions)."""
-    for name in ("norm_qkv_rope", "attend_out", "norm_gate_up", "down"):
+    for name in ("norm_qkv_rope", "attend_out", "attend_masked", "norm_gate_up", "down"):
         monkeypatch.setattr(fused, name, getattr(OpsKernels, name))
     monkeypatch.setattr(fused, "active", lambda: fused._enabled)
     layer = make_layer(DECODER, seed=offset)
@@ -206,6 +214,21 @@ def test_fused_step_plumbing_with_ops_kernels(monkeypatch, offset):
     got = step(layer, x, fused_cache, None, offset, use_fused=True)
     assert fused_cache.offset == ref_cache.offset == offset + 1
     assert max(rel_err(got, ref), rel_err(fused_cache.keys, ref_cache.keys)) < FLOAT32_BOUND
+    # ... with a boolean mask (left-padded rows), op by op and in the compiled step's StepKV
+    start = mx.array([0, min(offset, 3)], dtype=mx.int32)
+    positions = mx.arange(offset + 1)[None]
+    visible = ((positions >= start[:, None]) & (positions <= offset))[:, None, None, :]
+    ref_cache, fused_cache = copy_cache(base), copy_cache(base)
+    ref = step(layer, x, ref_cache, visible, offset - start, use_fused=False)
+    got = step(layer, x, fused_cache, visible, offset - start, use_fused=True)
+    assert max(rel_err(got, ref), rel_err(fused_cache.keys, ref_cache.keys)) < FLOAT32_BOUND
+    span = 64
+    positions = mx.arange(span)[None]
+    visible = ((positions >= start[:, None]) & (positions <= offset))[:, None, None, :]
+    slots = [StepKV(mx.array(base.keys), mx.array(base.values), mx.array([offset], dtype=mx.int32), span) for _ in "ab"]
+    ref = step(layer, x, slots[0], visible, offset - start, use_fused=False)
+    got = step(layer, x, slots[1], visible, offset - start, use_fused=True)
+    assert max(rel_err(got, ref), rel_err(slots[1].keys, slots[0].keys), rel_err(slots[1].values, slots[0].values)) < FLOAT32_BOUND
 
 
 def test_fused_path_fits_the_gpus_shared_memory(monkeypatch):

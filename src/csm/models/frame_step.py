@@ -23,6 +23,7 @@ from functools import partial
 import mlx.core as mx
 
 from ..sampling import check_sampling_args, sample_topk
+from . import fused_sampler
 from .cache import FrameCache, StepKV
 from .views import row
 
@@ -97,6 +98,8 @@ class CompiledFrame:
 
         def sample(logits: mx.array, codebook: int) -> mx.array:
             q = None if noise is None else row(noise, codebook)
+            if fused_sampler.applies(logits, q, d.temperature, d.precision):  # one CUDA kernel, not ~13
+                return fused_sampler.sample_race(logits, q, d.topk, d.temperature, d.safety)
             return sample_topk(logits, d.topk, d.temperature, noise=q, safety=d.safety, precision=d.precision)
 
         return sample

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 from collections.abc import Iterator
 
@@ -88,7 +89,7 @@ def active() -> bool:
     return _enabled and mx.default_device() == mx.gpu and is_cuda()
 
 
-_HEADER = r"""
+HEADER = r"""
 template <typename T> __device__ __forceinline__ float f32(T x) { return static_cast<float>(x); }
 template <> __device__ __forceinline__ float f32<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
 template <> __device__ __forceinline__ float f32<__half>(__half x) { return __half2float(x); }
@@ -108,6 +109,24 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Block-wide reductions; every thread gets the result, and scratch may be reused afterwards.
+template <int NW> __device__ float block_max(float v, float* scratch) {
+  v = warp_max(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = warp_max(threadIdx.x % 32 < NW ? scratch[threadIdx.x % 32] : __int_as_float(0xff800000));
+  __syncthreads();
+  return v;
+}
+template <int NW> __device__ float block_sum(float v, float* scratch) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = v;
+  __syncthreads();
+  v = warp_sum(threadIdx.x % 32 < NW ? scratch[threadIdx.x % 32] : 0.f);
+  __syncthreads();
   return v;
 }
 
@@ -246,6 +265,57 @@ _ATTEND_OUT = r"""
   }
 """
 
+# A long cache (the backbone's): one block per (row, head); scores for every masked-in position in
+# shared memory. Rounds where MLX's SDPA fallback rounds: q * scale, the scores and the
+# probabilities are stored in T; softmax as MLX's (``__expf(s - max) * (1 / sum)``).
+_ATTEND_MASKED = r"""
+  __shared__ float scores[L];
+  __shared__ float qs[HD];
+  __shared__ float part[NT / HD][HD];
+  __shared__ float scratch[NT / 32];
+  constexpr int G = H / KV, V16 = 16 / sizeof(T);
+  const int bh = blockIdx.x, b = bh / H, h = bh % H, tid = threadIdx.x;
+  const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
+  const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
+  const float scale = rsqrtf(static_cast<float>(HD));
+  for (int d = tid; d < HD; d += NT) qs[d] = rnd<T>(f32<T>(q[(size_t)bh * HD + d]) * rnd<T>(scale));
+  __syncthreads();
+  float top = __int_as_float(0xff800000);
+  for (int p = tid; p < L; p += NT) {  // one position a thread
+    float score = __int_as_float(0xff800000);
+    if (mask[(size_t)b * L + p]) {
+      float dot = 0.f;
+      for (int d0 = 0; d0 < HD; d0 += V16) {
+        const Pack<T> kv = *reinterpret_cast<const Pack<T>*>(kb + (size_t)p * HD + d0);
+#pragma unroll
+        for (int i = 0; i < V16; ++i) dot += qs[d0 + i] * f32<T>(kv.v[i]);
+      }
+      score = rnd<T>(dot);
+    }
+    scores[p] = score;
+    top = fmaxf(top, score);
+  }
+  top = block_max<NT / 32>(top, scratch);
+  float total = 0.f;
+  for (int p = tid; p < L; p += NT) total += mask[(size_t)b * L + p] ? __expf(scores[p] - top) : 0.f;
+  const float norm = 1.f / block_sum<NT / 32>(total, scratch);
+  for (int p = tid; p < L; p += NT) scores[p] = mask[(size_t)b * L + p] ? rnd<T>(__expf(scores[p] - top) * norm) : 0.f;
+  __syncthreads();
+  // probabilities @ values: thread (group, d) sums positions group, group + NT / HD, ...
+  const int d = tid % HD, group = tid / HD;
+  float o = 0.f;
+  for (int p = group; p < L; p += NT / HD) {
+    const float pr = scores[p];
+    if (pr != 0.f) o += pr * f32<T>(vb[(size_t)p * HD + d]);
+  }
+  part[group][d] = o;
+  __syncthreads();
+  if (group == 0) {
+    for (int g = 1; g < NT / HD; ++g) o += part[g][d];
+    out[(size_t)bh * HD + d] = to<T>(o);
+  }
+"""
+
 _NORM_GATE_UP = r"""
   extern __shared__ __align__(16) unsigned char smem[];
   T* xs = reinterpret_cast<T*>(smem);
@@ -280,9 +350,16 @@ _DOWN = r"""
 
 
 @functools.cache
-def _kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, shared: int):
+def kernel(name: str, inputs: tuple[str, ...], outputs: tuple[str, ...], source: str, shared: int, header: str = HEADER):
+    """An ``mx.fast.cuda_kernel`` whose name carries a hash of its source.
+
+    MLX keys its compiled-kernel caches (in memory, and on disk under ``MLX_PTX_CACHE_DIR``, which
+    outlives a package upgrade) by the kernel's name and template arguments only: without the hash,
+    a changed kernel source would be served the old build.
+    """
+    digest = hashlib.sha1((header + source).encode()).hexdigest()[:12]
     return mx.fast.cuda_kernel(
-        name=name, input_names=list(inputs), output_names=list(outputs), source=source, header=_HEADER,
+        name=f"{name}_{digest}", input_names=list(inputs), output_names=list(outputs), source=source, header=header,
         shared_memory=shared,
     )
 
@@ -300,9 +377,9 @@ def _launch(
     shared: int,
 ) -> list[mx.array]:
     """Run ``source`` with one warp per output unit (``warps`` of them), 8 warps a block."""
-    kernel = _kernel(name, tuple(inputs), tuple(outputs), source, shared)
+    launch = kernel(name, tuple(inputs), tuple(outputs), source, shared)
     blocks = -(-warps // _WARPS)
-    return kernel(
+    return launch(
         inputs=arrays, template=[("T", dtype), *template], grid=(blocks * _THREADS, 1, 1),
         threadgroup=(_THREADS, 1, 1), output_shapes=shapes, output_dtypes=[dtype] * len(shapes),
     )
@@ -357,6 +434,39 @@ def attend_out(q: mx.array, keys: mx.array, values: mx.array, slot: mx.array, w:
     (out,) = _launch(
         "csm_attend_out", ["q", "k", "v", "slot", "w", "res"], ["out"], _ATTEND_OUT,
         [q, keys, values, slot, w, residual], [(B, D)], q.dtype, D, template, B * H * HD * q.dtype.size,
+    )
+    return out
+
+
+#: Threads a block of :func:`attend_masked` (a multiple of every head size it serves).
+_ATTEND_THREADS = 256
+#: Most positions :func:`attend_masked` reads (their scores sit in 48 KB of static shared memory).
+MAX_MASKED = 8192
+
+
+def attends_masked(mask: object, rows: int) -> bool:
+    """Whether a one-row step's ``mask`` suits :func:`attend_masked`: boolean (B, 1, 1, L), L <= :data:`MAX_MASKED`."""
+    return (
+        isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim == 4 and mask.shape[:3] == (rows, 1, 1)
+        and mask.shape[3] <= MAX_MASKED
+    )
+
+
+def attend_masked(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array) -> mx.array:
+    """Attention of q (B, H, hd) over the cache positions ``p < L`` where ``mask`` (B, L) bool is True.
+
+    ``keys``/``values`` are whole cache buffers (B, KV, S >= L, hd), not slices (a slice would be
+    copied to make it contiguous). Returns (B, H * hd): the heads side by side, ready for the output
+    projection.
+    """
+    B, H, HD = q.shape
+    KV, S = keys.shape[1], keys.shape[2]
+    L = mask.shape[1]
+    template = [("T", q.dtype), ("H", H), ("KV", KV), ("HD", HD), ("S", S), ("L", L), ("NT", _ATTEND_THREADS)]
+    launch = kernel("csm_attend_masked", ("q", "k", "v", "mask"), ("out",), _ATTEND_MASKED, 0)
+    (out,) = launch(
+        inputs=[q, keys, values, mask], template=template, grid=(B * H * _ATTEND_THREADS, 1, 1),
+        threadgroup=(_ATTEND_THREADS, 1, 1), output_shapes=[(B, H * HD)], output_dtypes=[q.dtype],
     )
     return out
 

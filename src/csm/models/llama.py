@@ -310,8 +310,9 @@ class TransformerLayer(nn.Module):
     ) -> mx.array:
         """The same step as :meth:`__call__` for one row (B, 1, D), in the kernels of :mod:`.fused`.
 
-        A short cache (the depth decoder's 32 positions) is attended inside the fused kernels; a
-        long one (the backbone) keeps MLX's cache write and attention.
+        A short cache (the depth decoder's 32 positions) is written and attended inside the fused
+        kernels; a long one (the backbone) is written by MLX and attended by a kernel when the step
+        has a boolean mask (the compiled frame's and the op-by-op frame's), else by MLX.
         """
         attn, mlp = self.attn, self.mlp
         B, _, D = x.shape
@@ -328,6 +329,13 @@ class TransformerLayer(nn.Module):
                 rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
             )
             h = fused.attend_out(q, cache.keys, cache.values, slot, attn.output_proj.weight, rows)
+        elif fused.attends_masked(mask, B):
+            # A long cache with a boolean mask over its first positions (the compiled backbone step,
+            # or an op-by-op one): MLX writes the cache, the kernels attend and project.
+            q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
+            cache.update_and_fetch(k, v)
+            att = fused.attend_masked(q, cache.keys, cache.values, mask.reshape(B, -1))
+            h = fused.down(att, attn.output_proj.weight, rows)
         else:
             q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
             h = attn.attend(q[:, :, None], k, v, cache, mask, residual=x).reshape(B, D)
