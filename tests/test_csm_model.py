@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from csm.models import CSM, build_csm
+from csm.models import llama
 from csm.models.llama import LLAMA3_SCALING, rope_inv_freq
 from csm.sampling import TorchCompatibleGenerator, sample_topk
 from csm.weights.csm_checkpoint import args_from_config, hf_to_original
@@ -129,6 +130,25 @@ def test_prefill_and_decoder_logits_match_torch(hf, model):
     print(f"max abs error: prefill {prefill_err:.2e}, frames {max(errors):.2e}")
     assert max(errors) <= LOGIT_ATOL, (max(errors), int(np.argmax(errors)))
     assert min(float(w.std()) for w in want) > 0.05  # every codebook head is exercised
+
+
+def test_prefill_attention_as_ops_matches_torch_and_sdpa(hf, model, monkeypatch):
+    """The prefill's masked attention as plain ops (what CUDA runs: ``llama.attention_ops``) gives
+    torch's prefill logits, and the fused SDPA's on a left-padded batch."""
+    tokens, mask = random_prompt(2, 12, seed=3)
+    with torch.no_grad():
+        want = hf.lm_head(TorchCSM(hf).backbone(torch.from_numpy(tokens).long(), torch.from_numpy(mask), None)).numpy()
+    padded_t, padded_m = (np.concatenate([a[:1], np.pad(a[1:, 4:], ((0, 0), (4, 0), (0, 0)))]) for a in (tokens, mask))
+
+    def prefill(t, m, as_ops: bool) -> np.ndarray:
+        monkeypatch.setattr(llama, "_prefill_attention_as_ops", lambda: as_ops)
+        return np.array(model.codebook0_head(model.forward_backbone(mx.array(t), mx.array(m), model.make_cache(2))))
+
+    err = np.abs(prefill(tokens, mask, True) - want).max()
+    padded_err = np.abs(prefill(padded_t, padded_m, True) - prefill(padded_t, padded_m, False)).max()
+    print(f"measured: ops vs torch {err:.1e}, ops vs SDPA (left-padded) {padded_err:.1e}")
+    assert err <= LOGIT_ATOL
+    assert padded_err <= PADDING_ATOL
 
 
 def _torch_decoder_only(ref: TorchCSM, last_h, codes: np.ndarray, record: list) -> None:

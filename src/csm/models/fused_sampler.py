@@ -58,7 +58,12 @@ _SOURCE = r"""
       __syncthreads();
 #pragma unroll
       for (int e = 0; e < E; ++e) {
-        if (tid + e * NT < V && (key[e] & fixed) == prefix) atomicAdd(&hist[(key[e] >> shift) & 255u], 1u);
+        // One atomic per distinct digit in the warp: the top digits of nearby logits mostly agree,
+        // and same-address shared atomics serialise (the first pass was most of the kernel's time).
+        const bool counted = tid + e * NT < V && (key[e] & fixed) == prefix;
+        const unsigned int digit = counted ? (key[e] >> shift) & 255u : 256u;
+        const unsigned int peers = __match_any_sync(0xffffffffu, digit);
+        if (counted && lane == __ffs(peers) - 1) atomicAdd(&hist[digit], __popc(peers));
       }
       __syncthreads();
       if (warp == 0) {  // lane l holds digits 255 - 8 l down to 248 - 8 l
