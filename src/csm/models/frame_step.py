@@ -10,8 +10,9 @@ replays the graph without Python in the loop. Tokens are those of ``generate_fra
 To trace once, nothing may change shape or be a Python number from frame to frame: the backbone
 writes its new keys at a position held in a device array (:class:`.cache.StepKV`) and attends
 over the first ``span`` positions of its preallocated cache (a multiple of 256: one trace per 256
-frames, not one per frame), masked beyond that position. The prompt (any length) still
-runs the backbone eagerly; its frame's depth decoder is the compiled half.
+frames, not one per frame), masked beyond that position (:mod:`.buckets`). The prompt runs the
+backbone eagerly (on a GPU padded to a few shapes, :mod:`.buckets`); its frame's depth decoder is
+the compiled half.
 """
 
 from __future__ import annotations
@@ -23,16 +24,9 @@ from functools import partial
 import mlx.core as mx
 
 from ..sampling import check_sampling_args, sample_topk
-from .cache import FrameCache, StepKV
+from .buckets import span as _span
+from .cache import FrameCache
 from .views import row
-
-#: Attention spans grow in steps of this many positions: one trace per step, not per frame.
-SPAN_STEP = 256
-
-
-def _span(length: int, max_len: int) -> int:
-    """The cached positions a step attends over: ``length`` rounded up to :data:`SPAN_STEP`."""
-    return min(max_len, -(-length // SPAN_STEP) * SPAN_STEP)
 
 
 @dataclass(frozen=True)
@@ -113,11 +107,5 @@ class CompiledFrame:
 
         Attention reads the first ``span`` cached positions (>= offset + 1), masked beyond ``offset``.
         """
-        slots = [StepKV(k, v, offset, span) for k, v in zip(keys, values)]
-        positions = offset - start  # (B,) RoPE position of the row
-        cached = mx.arange(span)
-        visible = (cached[None] >= start[:, None]) & (cached[None] <= offset)  # (B, span)
-        h = self.model.embed_frames(tokens, mask)
-        h = self.model.backbone(h, slots, visible[:, None, None, :], positions)[:, -1]
-        codes = self._decode_codes(h, noise)
-        return codes, [s.keys for s in slots], [s.values for s in slots]
+        h, keys, values = self.model.backbone_rows(tokens, mask, offset, start, keys, values, span=span)
+        return self._decode_codes(h[:, -1], noise), keys, values
