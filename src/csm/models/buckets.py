@@ -67,9 +67,10 @@ def prefill_buckets(rows: int) -> Iterator[None]:
 
 def padded_rows(length: int, room: int) -> int:
     """The rows a ``length``-row prefill runs on: ``length`` rounded up to the bucket, at most ``room``
-    (the cache positions left); ``length`` itself when bucketing is off."""
+    (the cache positions left); ``length`` itself when bucketing is off, and for one row (a frame
+    step of the op-by-op frame: one shape already)."""
     bucket = prefill_bucket()
-    if not bucket:
+    if not bucket or length == 1:
         return length
     return max(length, min(room, -(-length // bucket) * bucket))
 
