@@ -169,7 +169,8 @@ def test_prompts_in_one_bucket_share_one_shape(model, monkeypatch):
     assert len(prefill([5, 9, 16], 0)) == 3  # off: one shape per length
 
 
-def test_padded_rows_and_default():
+def test_padded_rows_and_default(monkeypatch):
+    monkeypatch.setattr(buckets, "_override", None)  # as if CSM_PREFILL_ROWS were unset
     assert prefill_bucket() == 0  # the tests run on the CPU: off unless asked
     with prefill_buckets(64):
         assert [padded_rows(n, 2048) for n in (1, 2, 64, 65, 2000)] == [1, 64, 64, 128, 2048]
