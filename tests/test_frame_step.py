@@ -219,3 +219,21 @@ def test_compiled_frame_jit_kernels_do_not_repeat_per_codebook(tmp_path):
     kernels = collections.Counter(re.sub(r"_\d{6,}_", "_", name) for name in libraries)
     repeated = {name: n for name, n in kernels.items() if n > 2}
     assert not repeated, f"kernels compiled once per constant value (per step?): {repeated}"
+
+
+def test_compiled_step_attends_the_whole_cache_only_where_the_fused_kernel_serves_it(model, monkeypatch):
+    """Where ``fused.attend_masked`` serves the step, one span (the whole cache) for every frame;
+    elsewhere the span grows with the cache in steps of 256 (the MLX ops pay for every position)."""
+    from csm.models import fused
+
+    frame = model.compiled_frame(Draw(topk=5, temperature=0.9))
+    cache = model.make_cache(1, max_len=1024)
+    spans = {}
+    for fused_serves in (False, True):
+        monkeypatch.setattr(fused, "applies", lambda layer, x, on=fused_serves: on)
+        spans[fused_serves] = []
+        for offset in (0, 255, 256, 700):
+            for layer_cache in cache.backbone:
+                layer_cache.offset = offset
+            spans[fused_serves].append(frame._step_span(cache, 1))
+    assert spans == {False: [256, 256, 512, 768], True: [1024] * 4}

@@ -34,6 +34,7 @@ import numpy as np
 
 from ..codec.checks import check_codes
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
+from ..models import buckets
 from ..models.frame_step import Draw
 from ..prompt import Segment, build_prompt
 from .frames import next_frame_rows
@@ -250,7 +251,8 @@ class Engine:
         # row's input to the next shared step, which samples the first frame with the others.
         self._make_room(length - 1)
         if length > 1:
-            solo = self._model.make_cache(1, length - 1)
+            # Room for the padded rows of a bucketed prefill (csm.models.buckets): a few cache shapes.
+            solo = self._model.make_cache(1, buckets.padded_rows(length - 1, self.cache_len))
             self._model.forward_backbone(tokens[:, :-1], mask[:, :-1], solo)
             place_prompt(self._cache.backbone, solo.backbone, slot, length - 1)
         self._starts[slot] = self._cache.offset - (length - 1)

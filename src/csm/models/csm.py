@@ -17,7 +17,8 @@ from mlx.utils import tree_flatten
 
 from ..config import AUDIO_VOCAB_SIZE, MAX_SEQ_LEN, NUM_CODEBOOKS, TEXT_VOCAB_SIZE
 from ..threads import per_thread
-from .cache import FrameCache
+from .buckets import attention_mask, padded_rows, prefill_bucket, span
+from .cache import FrameCache, StepKV
 from .frame_step import CompiledFrame, Draw
 from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
 from .views import row
@@ -135,15 +136,54 @@ class CSM(nn.Module):
         and that come before a row's first real frame are left padding; they get no attention
         and the row's positions start at 0 on its first real frame.
 
+        With prefill buckets on (:mod:`.buckets`; GPUs by default) the rows are padded on the right
+        to the bucket and attention reads a rounded span of the cache: hidden states and cache are
+        those of the unpadded call, the offset advances by ``S``.
+
         Returns:
             (B, S, D) final-normed hidden states.
         """
         offset, length = cache.offset, tokens.shape[1]
         if offset == 0:
             cache.start = mx.argmax(mask.any(axis=-1).astype(mx.int32), axis=1).astype(mx.int32)
-        positions = offset - cache.start  # (B,) RoPE offset of this call's first row
-        attn_mask = _padded_causal_mask(offset, length, cache.start)
-        return self.backbone(self.embed_frames(tokens, mask), cache.backbone, attn_mask, positions)
+        layers = cache.backbone
+        rows = padded_rows(length, layers[0].max_len - offset)
+        keys_span = span(offset + rows, layers[0].max_len) if prefill_bucket() else offset + rows
+        for layer_cache in layers:
+            layer_cache.reserve(length)  # raises when the rows do not fit; padded rows stay past the offset
+        if rows > length:
+            pad = ((0, 0), (0, rows - length), (0, 0))
+            tokens, mask = mx.pad(tokens, pad), mx.pad(mask, pad)
+        keys, values = [c.keys for c in layers], [c.values for c in layers]
+        where = mx.array([offset], dtype=mx.int32)
+        h, keys, values = self.backbone_rows(tokens, mask, where, cache.start, keys, values, span=keys_span)
+        for layer_cache, k, v in zip(layers, keys, values):
+            layer_cache.keys, layer_cache.values = k, v
+        return h[:, :length]
+
+    def backbone_rows(
+        self, tokens: mx.array, mask: mx.array, offset: mx.array, start: mx.array,
+        keys: list[mx.array], values: list[mx.array], *, span: int,
+    ) -> tuple[mx.array, list[mx.array], list[mx.array]]:
+        """Frames through the backbone, their keys and values written into the cache buffers at ``offset``.
+
+        A pure function of arrays (the compiled frame step traces it): the write position is a
+        device array and attention reads the first ``span`` positions, masked by :func:`.attention_mask`.
+
+        Args:
+            tokens, mask: (B, L, 33) rows at positions ``offset .. offset + L - 1``.
+            offset: (1,) int32.
+            start: (B,) int32, each row's first real position (see :class:`.FrameCache`).
+            keys, values: each backbone layer's (B, KV, max_len, hd) buffers.
+            span: key positions attended (>= offset + L).
+
+        Returns:
+            (B, L, D) final-normed hidden states, and every layer's new key and value buffers.
+        """
+        slots = [StepKV(k, v, offset, span) for k, v in zip(keys, values)]
+        visible = attention_mask(offset, tokens.shape[1], start, span)
+        h = self.backbone(self.embed_frames(tokens, mask), slots, visible, offset - start)
+        return h, [s.keys for s in slots], [s.values for s in slots]
 
     def decoder_step(self, embeds: mx.array, cache: FrameCache) -> mx.array:
         """Project backbone-width embeddings (B, L, D) and run the depth decoder; returns (B, L, D_dec)."""
@@ -200,11 +240,3 @@ class CSM(nn.Module):
         c0 = sampler(self.codebook0_head(last_h), 0)
         return self.decode_codebooks(last_h, c0, cache, sampler)
 
-
-def _padded_causal_mask(offset: int, length: int, start: mx.array) -> mx.array:
-    """(B, 1, L, offset + L) bool: causal, no attention to left padding (a padding row sees itself,
-    so its softmax stays finite and never turns into NaN that masked weights would still spread)."""
-    queries = mx.arange(offset, offset + length)[:, None]
-    keys = mx.arange(offset + length)[None]
-    visible = (keys >= start[:, None, None]) | (keys == queries)  # (B, L, K)
-    return ((keys <= queries) & visible)[:, None]

@@ -10,8 +10,9 @@ replays the graph without Python in the loop. Tokens are those of ``generate_fra
 To trace once, nothing may change shape or be a Python number from frame to frame: the backbone
 writes its new keys at a position held in a device array (:class:`.cache.StepKV`) and attends
 over the first ``span`` positions of its preallocated cache (a multiple of 256: one trace per 256
-frames, not one per frame), masked beyond that position. The prompt (any length) still
-runs the backbone eagerly; its frame's depth decoder is the compiled half.
+frames, not one per frame), masked beyond that position (:mod:`.buckets`). The prompt runs the
+backbone eagerly (on a GPU padded to a few shapes, :mod:`.buckets`); its frame's depth decoder is
+the compiled half.
 """
 
 from __future__ import annotations
@@ -23,17 +24,10 @@ from functools import partial
 import mlx.core as mx
 
 from ..sampling import check_sampling_args, sample_topk
-from . import fused_sampler
-from .cache import FrameCache, StepKV
+from . import fused, fused_sampler
+from .buckets import span as _span
+from .cache import FrameCache
 from .views import row
-
-#: Attention spans grow in steps of this many positions: one trace per step, not per frame.
-SPAN_STEP = 256
-
-
-def _span(length: int, max_len: int) -> int:
-    """The cached positions a step attends over: ``length`` rounded up to :data:`SPAN_STEP`."""
-    return min(max_len, -(-length // SPAN_STEP) * SPAN_STEP)
 
 
 @dataclass(frozen=True)
@@ -80,13 +74,29 @@ class CompiledFrame:
         layers = cache.backbone
         offset = mx.array([cache.offset], dtype=mx.int32)
         keys, values = [c.keys for c in layers], [c.values for c in layers]
-        codes, keys, values = self._compiled_step(_span(cache.offset + 1, layers[0].max_len))(
+        codes, keys, values = self._compiled_step(self._step_span(cache, tokens.shape[0]))(
             tokens, mask, offset, cache.start, keys, values, *extra
         )
         for layer_cache, k, v in zip(layers, keys, values):
             layer_cache.keys, layer_cache.values = k, v
             layer_cache.offset += 1
         return codes
+
+    def _step_span(self, cache: FrameCache, rows: int) -> int:
+        """The cached positions a compiled step attends over.
+
+        Where the fused attention kernel serves the step (``fused.attend_masked``: CUDA, bf16, few
+        rows), the whole cache: the kernel skips masked positions nearly for free, and one trace then
+        serves every frame. With spans growing by 256, a prompt ending in a new span cost ~2 s of
+        tracing and kernel builds before its first frame (H200, ``bench_ttfa.py``). Elsewhere the MLX
+        ops pay for every position read, so the span grows with the cache (one trace per 256 frames).
+        """
+        max_len = cache.backbone[0].max_len
+        layer = self.model.backbone.layers[0]
+        probe = mx.zeros((rows, 1, self.model.args.backbone.embed_dim), self.model.dtype)  # shape only, never evaluated
+        if fused.applies(layer, probe) and max_len <= fused.MAX_MASKED:
+            return max_len
+        return _span(cache.offset + 1, max_len)
 
     def _compiled_step(self, span: int) -> Callable:
         if span not in self._steps:
@@ -116,11 +126,5 @@ class CompiledFrame:
 
         Attention reads the first ``span`` cached positions (>= offset + 1), masked beyond ``offset``.
         """
-        slots = [StepKV(k, v, offset, span) for k, v in zip(keys, values)]
-        positions = offset - start  # (B,) RoPE position of the row
-        cached = mx.arange(span)
-        visible = (cached[None] >= start[:, None]) & (cached[None] <= offset)  # (B, span)
-        h = self.model.embed_frames(tokens, mask)
-        h = self.model.backbone(h, slots, visible[:, None, None, :], positions)[:, -1]
-        codes = self._decode_codes(h, noise)
-        return codes, [s.keys for s in slots], [s.values for s in slots]
+        h, keys, values = self.model.backbone_rows(tokens, mask, offset, start, keys, values, span=span)
+        return self._decode_codes(h[:, -1], noise), keys, values
