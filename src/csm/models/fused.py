@@ -160,7 +160,11 @@ __device__ __forceinline__ void warp_dot(const T* __restrict__ w, const int (&ro
   for (int r = 0; r < R; ++r)
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
-  for (int k0 = lane * V; k0 < K; k0 += 32 * V) {
+  // A trip count known at compile time, unrolled: each lane has several 16-byte loads in flight
+  // instead of waiting out one memory latency per step (K = 8192 was 32 such waits a row).
+#pragma unroll 4
+  for (int step = 0; step < K / (32 * V); ++step) {
+    const int k0 = (step * 32 + lane) * V;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const Pack<T> wv = *reinterpret_cast<const Pack<T>*>(w + (size_t)rows[r] * K + k0);
@@ -235,9 +239,16 @@ _ATTEND_OUT = r"""
     const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
     const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
     float score = __int_as_float(0xff800000);  // -inf
-    if (lane < visible) {
+    if (lane < visible) {  // 16-byte loads of q and of this lane's key row, summed in order
+      constexpr int V16 = 16 / sizeof(T);
       float d = 0.f;
-      for (int i = 0; i < HD; ++i) d += f32<T>(qv[i]) * f32<T>(kb[lane * HD + i]);
+#pragma unroll
+      for (int i0 = 0; i0 < HD; i0 += V16) {
+        const Pack<T> qp = *reinterpret_cast<const Pack<T>*>(qv + i0);
+        const Pack<T> kp = *reinterpret_cast<const Pack<T>*>(kb + lane * HD + i0);
+#pragma unroll
+        for (int i = 0; i < V16; ++i) d += f32<T>(qp.v[i]) * f32<T>(kp.v[i]);
+      }
       score = d * scale;
     }
     const float top = warp_max(score);  // every lane takes part in the shuffles
@@ -246,6 +257,7 @@ _ATTEND_OUT = r"""
     float o[C];
 #pragma unroll
     for (int j = 0; j < C; ++j) o[j] = 0.f;
+#pragma unroll 8
     for (int t = 0; t < visible; ++t) {
       const float pt = __shfl_sync(0xffffffffu, p, t);
 #pragma unroll
@@ -299,15 +311,20 @@ _ATTEND_MASKED = r"""
   float total = 0.f;
   for (int p = tid; p < L; p += NT) total += mask[(size_t)b * L + p] ? __expf(scores[p] - top) : 0.f;
   const float norm = 1.f / block_sum<NT / 32>(total, scratch);
-  for (int p = tid; p < L; p += NT) scores[p] = mask[(size_t)b * L + p] ? rnd<T>(__expf(scores[p] - top) * norm) : 0.f;
-  __syncthreads();
-  // probabilities @ values: thread (group, d) sums positions group, group + NT / HD, ...
+  int first = L, last = -1;  // the visible positions' range: the values outside it are never read
+  for (int p = tid; p < L; p += NT) {
+    const bool seen = mask[(size_t)b * L + p];
+    scores[p] = seen ? rnd<T>(__expf(scores[p] - top) * norm) : 0.f;
+    if (seen) { first = min(first, p); last = max(last, p); }
+  }
+  first = -block_max<NT / 32>(-static_cast<float>(first), scratch);  // exact: positions < 2^24
+  last = block_max<NT / 32>(static_cast<float>(last), scratch);
+  // probabilities @ values: thread (group, d) sums positions first + group, + NT / HD, ...; the
+  // loads are unrolled without a branch (masked positions in the range weigh 0).
   const int d = tid % HD, group = tid / HD;
   float o = 0.f;
-  for (int p = group; p < L; p += NT / HD) {
-    const float pr = scores[p];
-    if (pr != 0.f) o += pr * f32<T>(vb[(size_t)p * HD + d]);
-  }
+#pragma unroll 8
+  for (int p = first + group; p <= last; p += NT / HD) o += scores[p] * f32<T>(vb[(size_t)p * HD + d]);
   part[group][d] = o;
   __syncthreads();
   if (group == 0) {
