@@ -171,7 +171,14 @@ def test_prompts_in_one_bucket_share_one_shape(model, monkeypatch):
 
 def test_padded_rows_and_default(monkeypatch):
     monkeypatch.setattr(buckets, "_override", None)  # as if CSM_PREFILL_ROWS were unset
-    assert prefill_bucket() == 0  # the tests run on the CPU: off unless asked
+    previous = mx.default_device()
+    try:  # off on the CPU unless asked, on for a GPU
+        for device, expected in ((mx.cpu, 0), (mx.gpu, buckets.PREFILL_ROWS)):
+            if mx.is_available(device):
+                mx.set_default_device(device)
+                assert prefill_bucket() == expected, device
+    finally:
+        mx.set_default_device(previous)
     with prefill_buckets(64):
         assert [padded_rows(n, 2048) for n in (1, 2, 64, 65, 2000)] == [1, 64, 64, 128, 2048]
         assert padded_rows(40, 50) == 50 and padded_rows(60, 50) == 60  # clamped to the room, never below
