@@ -31,10 +31,6 @@ class WindowKVCache:
         self.offset = 0  # absolute position of the next query (RoPE offset)
         self.kv: mx.array | None = None  # (2, B, H, T, D): keys, then values
 
-    def positions(self, length: int) -> mx.array:
-        """(1, L) absolute positions of the next ``length`` queries."""
-        return mx.array(np.arange(self.offset, self.offset + length, dtype=np.int32)[None])
-
     def update_and_fetch(self, kv: mx.array) -> tuple[mx.array, mx.array]:
         """Append (2, B, H, L, D) keys/values; return all visible keys/values and the boolean
         (L, L_kv) mask ``0 <= q - k < window`` over absolute positions."""
@@ -57,10 +53,9 @@ def window_mask(offset: mx.array, length: int, window: int) -> mx.array:
     slots before position 0 of its row (a young stream, or a row just restarted).
     """
     slots, queries = np.arange(window - 1 + length), np.arange(length)[:, None]
-    band = mx.array((slots >= queries) & (slots <= queries + window - 1))  # (L, S), the same every step
-    # Constants, not mx.arange: a traced step would run an arange kernel for them at every call.
-    written = mx.array(slots - (window - 1))[None] + offset[:, None] >= 0  # (B, S)
-    return band[None, None] & written[:, None, None, :]
+    band = (slots >= queries) & (slots <= queries + window - 1)  # (L, S), the same every step
+    # numpy constants in their final shapes: no arange kernel, and one fused kernel for the rest.
+    return (offset.reshape(-1, 1, 1, 1) + mx.array(slots - (window - 1), dtype=mx.int32) >= 0) & mx.array(band)
 
 
 class SlidingKV:
@@ -102,14 +97,18 @@ class WindowState:
         return cls(list(arrays[:-1]), arrays[-1])
 
 
-def rope_tables(positions: mx.array, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
-    """(B, L) positions -> cos (1, B, 1, L, 1, D/2) and signed sin (1, B, 1, L, 2, D/2) tables
-    of the rotate-half RoPE (transformers' formula: ``inv_freq = 1 / theta ** (2i / D)``)."""
-    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
-    angles = positions.astype(mx.float32)[..., None] * mx.array(inv_freq.astype(np.float32))  # (B, L, D/2)
+def rope_tables(start: mx.array, length: int, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
+    """Positions ``start[b] + i`` (i < ``length``) -> cos (B, L, 1, D/2) and signed sin (B, L, 2, D/2)
+    tables of the rotate-half RoPE (transformers' ``inv_freq = 1 / theta ** (2i / D)``).
+
+    Shapes are set on the inputs (reshaped ``start``, numpy constants), so that the traced step
+    runs three kernels (angles, cos, signed sin) for all layers.
+    """
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    steps = np.arange(length, dtype=np.int32).reshape(1, -1, 1, 1)
+    angles = (start.reshape(-1, 1, 1, 1) + mx.array(steps)).astype(mx.float32) * mx.array(inv_freq)
     # The first half takes -x2·sin, the second +x1·sin: a sign table, not a stack (no copy kernel).
-    signed_sin = mx.sin(angles)[..., None, :] * mx.array([[-1.0], [1.0]], dtype=mx.float32)  # (B, L, 2, D/2)
-    return mx.cos(angles)[None, :, None, :, None, :], signed_sin[None, :, None]
+    return mx.cos(angles), mx.sin(angles) * mx.array([[-1.0], [1.0]], dtype=mx.float32)
 
 
 def rotate(qkv: mx.array, tables: tuple[mx.array, mx.array], heads: int) -> mx.array:
@@ -119,9 +118,9 @@ def rotate(qkv: mx.array, tables: tuple[mx.array, mx.array], heads: int) -> mx.a
     view of the two halves (no copy) and the v heads are selected through unchanged.
     """
     batch, length, _ = qkv.shape
-    cos, signed_sin = tables
+    cos, signed_sin = (t[None, :, None] for t in tables)  # (1, B, 1, L, 1 or 2, D/2)
     x = qkv.reshape(batch, length, 3, heads, 2, -1).transpose(2, 0, 3, 1, 4, 5)  # (3, B, H, L, 2, D/2)
-    is_value = mx.array(np.arange(3) == 2)[:, None, None, None, None, None]
+    is_value = mx.array((np.arange(3) == 2).reshape(3, 1, 1, 1, 1, 1))
     out = mx.where(is_value, x, x * cos + x[:, :, :, :, ::-1] * signed_sin)
     return out.reshape(3, batch, heads, length, -1)
 
@@ -198,15 +197,15 @@ class Transformer(nn.Module):
         shape = (2, batch_size, attn.num_heads, self.window - 1, attn.head_dim)
         return WindowState([mx.zeros(shape, dtype=dtype) for _ in self.layers], mx.zeros((batch_size,), dtype=mx.int32))
 
-    def _tables(self, positions: mx.array) -> tuple[mx.array, mx.array]:
-        return rope_tables(positions, self.layers[0].self_attn.head_dim, self.rope_theta)
+    def _tables(self, start: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        return rope_tables(start, length, self.layers[0].self_attn.head_dim, self.rope_theta)
 
     def step(self, x: mx.array, state: WindowState) -> mx.array:
         """Streaming call with a :class:`WindowState` (updated in place): the same result as
         :meth:`__call__` with a growing cache, but every shape is fixed, so a traced step replays."""
         length = x.shape[1]
         mask = window_mask(state.offset, length, self.window)
-        tables = self._tables(state.offset[:, None] + mx.array(np.arange(length, dtype=np.int32)))
+        tables = self._tables(state.offset, length)
         for i, layer in enumerate(self.layers):
             cache = SlidingKV(state.kv[i], mask)
             x = layer(x, cache, tables)
@@ -224,7 +223,7 @@ class Transformer(nn.Module):
         blocks = []
         for start in range(0, x.shape[1], self.window):
             h = x[:, start : start + self.window]
-            tables = self._tables(cache[0].positions(h.shape[1]))
+            tables = self._tables(mx.array([cache[0].offset], dtype=mx.int32), h.shape[1])
             for layer, layer_cache in zip(self.layers, cache):
                 h = layer(h, layer_cache, tables)
             blocks.append(h)
