@@ -9,6 +9,14 @@ appear as their element-wise pieces, so CPU counts are higher than GPU counts fo
 ``--model mimi`` counts one streamed Mimi decode step (``Mimi.decode_step`` of one frame, batch
 ``--batch``, after ``--warm`` frames so the transformer's window is in its steady state), random
 weights, float32; ``--path eager`` runs the step op by op (where the codec has that path).
+``--by-module`` adds the compiled step's count per stage (quantizer, upsample, transformer, each
+SEANet layer): stage k's count is that of the traced step cut after stage k (its outputs and the
+state so far) minus the cut after stage k - 1, so the stages add up to the whole step.
+
+A fused element-wise node (``Compiled...``) is one kernel and counts 1. ``gpu~`` adds what a GPU
+backend launches beyond one kernel per node: MLX's GPU ``Concatenate`` copies each input with its
+own kernel (``gpu~`` = count + inputs - 1 per concatenate). Not modelled: the CPU unfuses
+``mx.fast`` ops (LayerNorm: 5 nodes, RoPE: ~9, 1 kernel each on a GPU) and reshapes that copy.
 
 Run: ``python benchmarks/count_primitives.py [--model csm|mimi] [--size tiny|full|both] [--cpu] [--json out.json]``.
 """
@@ -131,6 +139,59 @@ def count(dot: str) -> collections.Counter:
     return collections.Counter(n for n in names if n not in VIEW_OPS)
 
 
+_NODE_ID = re.compile(r'\{ (\S+) \[label ="Concatenate')
+_EDGE = re.compile(r'^(\S+) -> (\S+)$', re.M)
+
+
+def extra_gpu_copies(dot: str) -> int:
+    """Kernels a GPU backend adds to one per node: a concatenate of n inputs is n copies."""
+    concats = set(_NODE_ID.findall(dot))
+    inputs = collections.Counter(dst for _, dst in _EDGE.findall(dot) if dst in concats)
+    return sum(n - 1 for n in inputs.values())
+
+
+def mimi_stages(mimi, state) -> list[tuple[str, object]]:
+    """(name, x -> x) of one streamed decode step over ``state``, in the order ``Mimi._stream`` runs them."""
+    stages = [("quantizer", lambda codes: mimi.quantizer.decode(codes.transpose(0, 2, 1))),
+              ("upsample", lambda x: mimi.upsample.step(x, state.upsample)),
+              ("transformer", lambda x: mimi.decoder_transformer.step(x, state.transformer))]  # fmt: skip
+    for i, (layer, sub) in enumerate(zip(mimi.decoder.layers, state.decoder)):
+        run = (lambda layer, sub: lambda x: layer(x) if sub is None else layer.step(x, sub))(layer, sub)
+        stages.append((f"seanet.{i} {type(layer).__name__}", run))
+    return stages
+
+
+def mimi_stage_counts(mimi, batch: int = 1, warm: int = 3) -> list[tuple[str, collections.Counter, int, int]]:
+    """(stage, primitives added, count, gpu~) of the compiled streamed step, stage by stage (module doc)."""
+    rng = np.random.default_rng(0)
+    state = mimi.make_state(batch)
+    draw = lambda: mx.array(rng.integers(0, mimi.args.codebook_size, (batch, mimi.num_codebooks, 1)).astype(np.int32))  # noqa: E731
+    for _ in range(warm):
+        mx.eval(mimi.decode_step(draw(), state, check_range=False), state.arrays())
+    codes = draw()
+    names = [name for name, _ in mimi_stages(mimi, state)]
+    rows, before, before_gpu = [], collections.Counter(), 0
+    for cut in range(1, len(names) + 1):
+
+        def prefix(codes, *arrays, cut=cut):
+            sub = mimi.make_state(batch)
+            sub.set_arrays(list(arrays))
+            x = codes
+            for _, run in mimi_stages(mimi, sub)[:cut]:
+                x = run(x)
+            return [x, *sub.arrays()]
+
+        out = io.StringIO()
+        mx.export_to_dot(out, *mx.compile(prefix, inputs=mimi.state)(codes, *state.arrays()))
+        counts = count(out.getvalue())
+        gpu = sum(counts.values()) + extra_gpu_copies(out.getvalue())
+        delta = collections.Counter(counts)
+        delta.subtract(before)  # keeps negatives: a node of the previous cut may fuse into this stage's
+        rows.append((names[cut - 1], +delta, sum(counts.values()) - sum(before.values()), gpu - before_gpu))
+        before, before_gpu = counts, gpu
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["csm", "mimi"], default="csm")
@@ -143,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the compiled frame generation runs, the op-by-op one, or both")
     parser.add_argument("--top", type=int, default=15, help="primitives listed by count")
     parser.add_argument("--json", help="also write {'size/path': {primitive: count}} here")
+    parser.add_argument("--by-module", action="store_true", help="Mimi: the compiled step's count per stage")
     args = parser.parse_args(argv)
     if args.cpu:
         mx.set_default_device(mx.cpu)
@@ -150,15 +212,18 @@ def main(argv: list[str] | None = None) -> int:
     for size in (["tiny", "full"] if args.size == "both" else [args.size]):
         model = build_mimi(size) if args.model == "mimi" else build(size, getattr(mx, args.dtype))
         for path in (["eager", "compiled"] if args.path == "both" else [args.path]):
-            if args.model == "mimi":
-                counts = count(mimi_step_graph(model, path, args.batch, args.warm))
-            else:
-                counts = count(frame_graph(model, path))
+            dot = mimi_step_graph(model, path, args.batch, args.warm) if args.model == "mimi" else frame_graph(model, path)
+            counts = count(dot)
             results[f"{size}/{path}"] = dict(counts.most_common())
             top = ", ".join(f"{name} {n}" for name, n in counts.most_common(args.top))
             dtype = "float32" if args.model == "mimi" else args.dtype
-            print(f"{args.model} {size:5s} {path:8s} {mx.default_device()} {dtype}: {sum(counts.values()):6d} work primitives/frame")
+            print(f"{args.model} {size:5s} {path:8s} {mx.default_device()} {dtype}: {sum(counts.values()):6d} work primitives/frame"
+                  f" (gpu~ {sum(counts.values()) + extra_gpu_copies(dot)})")
             print(f"      {top}")
+        if args.model == "mimi" and args.by_module:
+            for name, added, total, gpu in mimi_stage_counts(model, args.batch, args.warm):
+                top = ", ".join(f"{n} {c}" for n, c in added.most_common(6))
+                print(f"  {name:34s} {total:4d} (gpu~ {gpu:4d})  {top}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": str(mx.default_device()), "dtype": args.dtype, "counts": results}, f, indent=1)

@@ -8,6 +8,8 @@ codebooks to zero and LayerScale to 0.01, which would hide bugs), the sliding wi
 
 from __future__ import annotations
 
+import collections
+import io
 import math
 import re
 
@@ -22,6 +24,7 @@ from transformers.models.mimi.modeling_mimi import MimiConvTranspose1d
 from csm.codec import Mimi, MimiArgs, load_mimi, mimi_from_weights
 from csm.codec.conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from csm.codec.load import checkpoint_shapes, convtr_weight_to_mlx
+from csm.codec.transformer import WindowState, rope_tables, rotate
 from csm.weights.io import WeightsError, torch_to_mlx
 
 from batched_rows import assert_same_as_solo
@@ -375,6 +378,39 @@ def test_strided_conv_streams(pad_mode):
     state = ConvState()
     steps = mx.concatenate([conv.step(x[:, t : t + 8], state) for t in range(0, 24, 8)], axis=1)
     np.testing.assert_allclose(np.array(steps), np.array(conv(x)), atol=CONV_ATOL)
+
+
+def test_rotate_is_rope_on_q_and_k_only():
+    """The per-call RoPE tables + one element-wise rotation equal MLX's rotate-half RoPE on the q
+    and k heads (each row at its own position), and hand the v heads through bit for bit."""
+    batch, length, heads, head_dim, theta = 2, 3, 2, 16, 10_000.0
+    qkv = mx.random.normal((batch, length, 3 * heads * head_dim), key=mx.random.key(1))
+    start = mx.array([0, 37], dtype=mx.int32)
+    got = rotate(qkv, rope_tables(start, length, head_dim, theta), heads)  # (3, B, H, L, D)
+    split = qkv.reshape(batch, length, 3, heads, head_dim).transpose(2, 0, 3, 1, 4)
+    for part in (0, 1):
+        want = mx.fast.rope(split[part], head_dim, traditional=False, base=theta, scale=1.0, offset=start)
+        np.testing.assert_allclose(np.array(got[part]), np.array(want), atol=1e-5, rtol=0)
+    np.testing.assert_array_equal(np.array(got[2]), np.array(split[2]))
+
+
+def test_streamed_transformer_step_kernels():
+    """The traced transformer step keeps its kernel-lean shape: one concatenate per layer (keys and
+    values in one buffer), RoPE tables once per step, no arange and no gather (an ``a[i]`` index)."""
+    mimi = Mimi(MimiArgs.from_dict(MimiConfig(**TINY).to_dict()), NUM_CODEBOOKS)
+    transformer, state = mimi.decoder_transformer, mimi.make_state(1).transformer
+
+    def step(x, *arrays):
+        window = WindowState.from_arrays(list(arrays))
+        return [transformer.step(x, window), *window.arrays()]
+
+    x = mx.random.normal((1, 2, TINY["hidden_size"]), key=mx.random.key(2))
+    mx.eval(x, state.arrays(), mimi.parameters())
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *mx.compile(step, inputs=mimi.state)(x, *state.arrays()))
+    kinds = collections.Counter(name.split(" ")[0] for name in re.findall(r'label ="([^"]+)"', dot.getvalue()))
+    assert kinds["Concatenate"] == TINY["num_hidden_layers"], kinds
+    assert kinds["Cos"] == 1 and kinds["Arange"] == 0 and kinds["Gather"] == 0, kinds
 
 
 # --- full-size config -------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 
 def nearest(x: mx.array, embed: mx.array) -> mx.array:
@@ -41,8 +42,9 @@ class ResidualVectorQuantizer(nn.Module):
 
     def decode(self, codes: mx.array) -> mx.array:
         """(B, T, K) codes of the first K codebooks -> (B, T, hidden)."""
-        num = codes.shape[-1]
-        latent = self.embed[mx.arange(num), codes].sum(axis=-2)  # (B, T, K, dim) -> (B, T, dim)
+        # A constant index (built at trace time), not mx.arange: no arange kernel in a traced step.
+        books = mx.array(np.arange(codes.shape[-1], dtype=np.int32))
+        latent = self.embed[books, codes].sum(axis=-2)  # (B, T, K, dim) -> (B, T, dim)
         return self.output_proj(latent) if "output_proj" in self else latent
 
 

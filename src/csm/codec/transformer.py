@@ -3,9 +3,14 @@ causal sliding-window attention over absolute positions (shared/spec/mimi.md §1
 
 Parameter names follow transformers' ``MimiTransformerModel`` (``layers.N.self_attn.o_proj`` ...),
 except that its q/k/v projections are one ``self_attn.in_proj`` (q, k, v rows in that order: one
-GEMM and one RoPE call instead of three and two), split into ``q_proj``/``k_proj``/``v_proj`` in
-the checkpoint. Weights in the original kyutai layout are converted to it on load (q/k rows
-permuted for the rotate-half RoPE), so one RoPE convention serves both layouts.
+GEMM instead of three), split into ``q_proj``/``k_proj``/``v_proj`` in the checkpoint. Weights in
+the original kyutai layout are converted to it on load (q/k rows permuted for the rotate-half
+RoPE), so one RoPE convention serves both layouts.
+
+Kernel count matters more than FLOPs here (a streamed frame is 2 steps at batch 1): the RoPE
+tables are built once per call for all layers, one element-wise kernel per layer rotates q and k
+and passes v through, and keys and values live in one (2, B, H, T, D) array, so the window
+cache is extended by one concatenation per layer instead of two.
 """
 
 from __future__ import annotations
@@ -24,23 +29,20 @@ class WindowKVCache:
     def __init__(self, window: int):
         self.window = window
         self.offset = 0  # absolute position of the next query (RoPE offset)
-        self.keys: mx.array | None = None
-        self.values: mx.array | None = None
+        self.kv: mx.array | None = None  # (2, B, H, T, D): keys, then values
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Append (B, H, L, D) keys/values; return all visible keys, values and the boolean
+    def update_and_fetch(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        """Append (2, B, H, L, D) keys/values; return all visible keys/values and the boolean
         (L, L_kv) mask ``0 <= q - k < window`` over absolute positions."""
-        length = keys.shape[2]
-        past = 0 if self.keys is None else self.keys.shape[2]
+        length = kv.shape[3]
+        past = 0 if self.kv is None else self.kv.shape[3]
         if past:
-            keys = mx.concatenate([self.keys, keys], axis=2)
-            values = mx.concatenate([self.values, values], axis=2)
-        delta = (mx.arange(length)[:, None] + past) - mx.arange(past + length)[None]
-        mask = (delta >= 0) & (delta < self.window)
-        start = max(0, keys.shape[2] - (self.window - 1))
-        self.keys, self.values = keys[:, :, start:], values[:, :, start:]
+            kv = mx.concatenate([self.kv, kv], axis=3)
+        delta = (np.arange(length)[:, None] + past) - np.arange(past + length)[None]
+        mask = mx.array((delta >= 0) & (delta < self.window))
+        self.kv = kv[:, :, :, max(0, kv.shape[3] - (self.window - 1)) :]
         self.offset += length
-        return keys, values, mask
+        return kv, mask
 
 
 def window_mask(offset: mx.array, length: int, window: int) -> mx.array:
@@ -51,38 +53,36 @@ def window_mask(offset: mx.array, length: int, window: int) -> mx.array:
     slots before position 0 of its row (a young stream, or a row just restarted).
     """
     slots, queries = np.arange(window - 1 + length), np.arange(length)[:, None]
-    band = mx.array((slots >= queries) & (slots <= queries + window - 1))  # (L, S), the same every step
-    written = mx.arange(window - 1 + length)[None] >= (window - 1) - offset[:, None]  # (B, S)
-    return band[None, None] & written[:, None, None, :]
+    band = (slots >= queries) & (slots <= queries + window - 1)  # (L, S), the same every step
+    # numpy constants in their final shapes: no arange kernel, and one fused kernel for the rest.
+    return (offset.reshape(-1, 1, 1, 1) + mx.array(slots - (window - 1), dtype=mx.int32) >= 0) & mx.array(band)
 
 
 class SlidingKV:
     """One layer's view of a :class:`WindowState` during one step (fixed shapes: compiles once).
 
-    Keys of the new positions are appended to the last ``window - 1`` ones; the result's tail is
-    kept for the next step. ``offset`` is the (B,) RoPE position of each row's first new query.
+    Keys/values of the new positions are appended to the last ``window - 1`` ones; the result's
+    tail is kept for the next step.
     """
 
-    def __init__(self, keys: mx.array, values: mx.array, offset: mx.array, mask: mx.array):
-        self.keys, self.values, self.offset, self.mask = keys, values, offset, mask
+    def __init__(self, kv: mx.array, mask: mx.array):
+        self.kv, self.mask = kv, mask
 
-    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        length = keys.shape[2]
-        keys = mx.concatenate([self.keys, keys], axis=2)
-        values = mx.concatenate([self.values, values], axis=2)
-        self.keys, self.values = keys[:, :, length:], values[:, :, length:]
-        return keys, values, self.mask
+    def update_and_fetch(self, kv: mx.array) -> tuple[mx.array, mx.array]:
+        length = kv.shape[3]
+        kv = mx.concatenate([self.kv, kv], axis=3)
+        self.kv = kv[:, :, :, length:]
+        return kv, self.mask
 
 
 @dataclass
 class WindowState:
-    """Streaming transformer state of a batch: per layer the keys/values of each row's last
-    ``window - 1`` positions, in (B, H, window - 1, head_dim) buffers that never change shape, and
-    the (B,) int32 position of each row's next step. Slots before a row's position 0 hold zeros
-    (or a previous stream's keys after :meth:`reset_row`) and are masked out."""
+    """Streaming transformer state of a batch: per layer the keys and values of each row's last
+    ``window - 1`` positions, in one (2, B, H, window - 1, head_dim) buffer that never changes
+    shape, and the (B,) int32 position of each row's next step. Slots before a row's position 0
+    hold zeros (or a previous stream's keys after :meth:`reset_row`) and are masked out."""
 
-    keys: list[mx.array]
-    values: list[mx.array]
+    kv: list[mx.array]
     offset: mx.array
 
     def reset_row(self, row: int) -> None:
@@ -90,30 +90,55 @@ class WindowState:
         self.offset[row] = 0
 
     def arrays(self) -> list[mx.array]:
-        return [*self.keys, *self.values, self.offset]
+        return [*self.kv, self.offset]
 
     @classmethod
     def from_arrays(cls, arrays: list[mx.array]) -> "WindowState":
-        layers = (len(arrays) - 1) // 2
-        return cls(list(arrays[:layers]), list(arrays[layers : 2 * layers]), arrays[-1])
+        return cls(list(arrays[:-1]), arrays[-1])
+
+
+def rope_tables(start: mx.array, length: int, head_dim: int, theta: float) -> tuple[mx.array, mx.array]:
+    """Positions ``start[b] + i`` (i < ``length``) -> cos (B, L, 1, D/2) and signed sin (B, L, 2, D/2)
+    tables of the rotate-half RoPE (transformers' ``inv_freq = 1 / theta ** (2i / D)``).
+
+    Shapes are set on the inputs (reshaped ``start``, numpy constants), so that the traced step
+    runs three kernels (angles, cos, signed sin) for all layers.
+    """
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))).astype(np.float32)
+    steps = np.arange(length, dtype=np.int32).reshape(1, -1, 1, 1)
+    angles = (start.reshape(-1, 1, 1, 1) + mx.array(steps)).astype(mx.float32) * mx.array(inv_freq)
+    # The first half takes -x2·sin, the second +x1·sin: a sign table, not a stack (no copy kernel).
+    return mx.cos(angles), mx.sin(angles) * mx.array([[-1.0], [1.0]], dtype=mx.float32)
+
+
+def rotate(qkv: mx.array, tables: tuple[mx.array, mx.array], heads: int) -> mx.array:
+    """(B, L, 3H·D) projections -> (3, B, H, L, D) q, k, v with q and k rotated, v untouched.
+
+    One element-wise kernel: ``x cos + rotate_half(x) sin``, where ``rotate_half`` is a reversed
+    view of the two halves (no copy) and the v heads are selected through unchanged.
+    """
+    batch, length, _ = qkv.shape
+    cos, signed_sin = (t[None, :, None] for t in tables)  # (1, B, 1, L, 1 or 2, D/2)
+    x = qkv.reshape(batch, length, 3, heads, 2, -1).transpose(2, 0, 3, 1, 4, 5)  # (3, B, H, L, 2, D/2)
+    is_value = mx.array((np.arange(3) == 2).reshape(3, 1, 1, 1, 1, 1))
+    out = mx.where(is_value, x, x * cos + x[:, :, :, :, ::-1] * signed_sin)
+    return out.reshape(3, batch, heads, length, -1)
 
 
 class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, head_dim: int, rope_theta: float):
+    def __init__(self, dim: int, num_heads: int, head_dim: int):
         super().__init__()
         self.num_heads, self.head_dim = num_heads, head_dim
         self.in_proj = nn.Linear(dim, 3 * num_heads * head_dim, bias=False)  # q, k, v
         self.o_proj = nn.Linear(num_heads * head_dim, dim, bias=False)
-        self.rope = nn.RoPE(head_dim, traditional=False, base=rope_theta)
 
-    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV) -> mx.array:
+    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV, tables: tuple[mx.array, mx.array]) -> mx.array:
         batch, length, _ = x.shape
-        heads = self.num_heads
-        qkv = self.in_proj(x).reshape(batch, length, 3 * heads, -1).transpose(0, 2, 1, 3)  # (B, 3H, L, hd)
-        qk = self.rope(qkv[:, : 2 * heads], offset=cache.offset)
-        q, k = qk[:, :heads], qk[:, heads:]
-        k, v, mask = cache.update_and_fetch(k, qkv[:, 2 * heads :])
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5, mask=mask)
+        qkv = rotate(self.in_proj(x), tables, self.num_heads)  # (3, B, H, L, D)
+        kv, mask = cache.update_and_fetch(qkv[1:])
+        # ``a[i, ...]``, not ``a[i]``: MLX turns a lone integer index into a gather (a copy kernel).
+        q, keys, values = qkv[0, ...], kv[0, ...], kv[1, ...]
+        out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
 
@@ -141,15 +166,15 @@ class TransformerLayer(nn.Module):
     def __init__(self, args):
         super().__init__()
         dim = args.hidden_size
-        self.self_attn = Attention(dim, args.num_attention_heads, args.head_dim, args.rope_theta)
+        self.self_attn = Attention(dim, args.num_attention_heads, args.head_dim)
         self.mlp = MLP(dim, args.intermediate_size)
         self.input_layernorm = nn.LayerNorm(dim, eps=args.norm_eps)
         self.post_attention_layernorm = nn.LayerNorm(dim, eps=args.norm_eps)
         self.self_attn_layer_scale = LayerScale(dim)
         self.mlp_layer_scale = LayerScale(dim)
 
-    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV) -> mx.array:
-        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cache))
+    def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV, tables: tuple[mx.array, mx.array]) -> mx.array:
+        x = x + self.self_attn_layer_scale(self.self_attn(self.input_layernorm(x), cache, tables))
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
 
@@ -159,6 +184,7 @@ class Transformer(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.window = args.sliding_window
+        self.rope_theta = args.rope_theta
         self.layers = [TransformerLayer(args) for _ in range(args.num_hidden_layers)]
 
     def make_cache(self) -> list[WindowKVCache]:
@@ -168,19 +194,22 @@ class Transformer(nn.Module):
     def make_window_state(self, batch_size: int, dtype: mx.Dtype = mx.float32) -> WindowState:
         """Fixed-shape streaming state of ``batch_size`` streams for :meth:`step`."""
         attn = self.layers[0].self_attn
-        shape = (batch_size, attn.num_heads, self.window - 1, attn.head_dim)
-        zeros = lambda: [mx.zeros(shape, dtype=dtype) for _ in self.layers]  # noqa: E731
-        return WindowState(zeros(), zeros(), mx.zeros((batch_size,), dtype=mx.int32))
+        shape = (2, batch_size, attn.num_heads, self.window - 1, attn.head_dim)
+        return WindowState([mx.zeros(shape, dtype=dtype) for _ in self.layers], mx.zeros((batch_size,), dtype=mx.int32))
+
+    def _tables(self, start: mx.array, length: int) -> tuple[mx.array, mx.array]:
+        return rope_tables(start, length, self.layers[0].self_attn.head_dim, self.rope_theta)
 
     def step(self, x: mx.array, state: WindowState) -> mx.array:
         """Streaming call with a :class:`WindowState` (updated in place): the same result as
         :meth:`__call__` with a growing cache, but every shape is fixed, so a traced step replays."""
         length = x.shape[1]
         mask = window_mask(state.offset, length, self.window)
+        tables = self._tables(state.offset, length)
         for i, layer in enumerate(self.layers):
-            cache = SlidingKV(state.keys[i], state.values[i], state.offset, mask)
-            x = layer(x, cache)
-            state.keys[i], state.values[i] = cache.keys, cache.values
+            cache = SlidingKV(state.kv[i], mask)
+            x = layer(x, cache, tables)
+            state.kv[i] = cache.kv
         state.offset = state.offset + length
         return x
 
@@ -194,7 +223,8 @@ class Transformer(nn.Module):
         blocks = []
         for start in range(0, x.shape[1], self.window):
             h = x[:, start : start + self.window]
+            tables = self._tables(mx.array([cache[0].offset], dtype=mx.int32), h.shape[1])
             for layer, layer_cache in zip(self.layers, cache):
-                h = layer(h, layer_cache)
+                h = layer(h, layer_cache, tables)
             blocks.append(h)
         return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks, axis=1)
