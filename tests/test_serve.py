@@ -227,8 +227,9 @@ def test_serve_warms_up_before_binding(model_dir):
 
 
 def test_sigterm_is_graceful(model_dir, tmp_path):
-    """Also: the key can come from CSM_API_KEY."""
-    srv = Server(model_dir, "--graceful-s", "2", log=tmp_path / "server.log", env={"CSM_API_KEY": "env-key"})
+    """Also: the key can come from CSM_API_KEY, and --no-warmup still logs the backend line."""
+    srv = Server(model_dir, "--graceful-s", "2", "--no-warmup", log=tmp_path / "server.log",
+                 env={"CSM_API_KEY": "env-key"})
     srv.wait_ready()
     assert httpx.get(f"{srv.url}/v1/models").status_code == 401
     received = []
@@ -254,3 +255,6 @@ def test_sigterm_is_graceful(model_dir, tmp_path):
     assert time.monotonic() - started < 20
     thread.join(30)
     assert received and not list(tmp_path.glob(".*part"))
+    if mx.default_device() == mx.cpu:  # a GPU with its kernels cached has nothing to say
+        log = (tmp_path / "server.log").read_text()
+        assert "MLX CPU matmuls use" in log or "reference BLAS" in log

@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
     generator = load_generator(args)
     voices = load_voices(generator, args.voice)
     engine = Engine(generator, slots=args.slots, max_queue=args.max_queue)
+    log_backend(logger)  # with or without the warm-up: it says why a first request may be slow
     if not args.no_warmup:
-        log_backend(logger)
         logger.info("warming up (one short utterance)")
         logger.info("warm in %.1f s", warm_up(engine))
     limits = Limits(args.max_input_chars, args.max_audio_ms, args.request_timeout)
