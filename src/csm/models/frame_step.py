@@ -9,8 +9,9 @@ replays the graph without Python in the loop. Tokens are those of ``generate_fra
 
 To trace once, nothing may change shape or be a Python number from frame to frame: the backbone
 writes its new keys at a position held in a device array (:class:`.cache.StepKV`) and attends
-over the first ``span`` positions of its preallocated cache (a multiple of 256: one trace per 256
-frames, not one per frame), masked beyond that position (:mod:`.buckets`). The prompt runs the
+over the first ``span`` positions of its preallocated cache, masked beyond that position: the
+whole cache where the fused CUDA attention kernel serves the step (one trace for every frame),
+else a multiple of 256 (one trace per 256 frames, not one per frame; :mod:`.buckets`). The prompt runs the
 backbone eagerly (on a GPU padded to a few shapes, :mod:`.buckets`); its frame's depth decoder is
 the compiled half.
 """
