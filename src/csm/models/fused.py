@@ -12,8 +12,10 @@ same step is 4 kernels, each a matrix-vector product with its neighbours folded 
 3. ``norm_gate_up``: RMSNorm → w1/w3 rows → ``silu(w1 x) * w3 x``;
 4. ``down``: w2 rows + residual.
 
-The backbone step (long cache) keeps MLX's cache write and attention and uses kernels 1 (without
-the cache), 3 and 4: 7 kernels a layer instead of 11.
+The backbone step (long cache) keeps MLX's two cache writes and uses kernel 1 without the cache,
+``attend_masked`` (attention over the cache positions its boolean mask lets through; MLX's CUDA SDPA
+has no decode kernel that takes an array mask), kernel 4 for the output projection, then 3 and 4:
+7 kernels a layer instead of 11. The sampler has its own kernel (:mod:`.fused_sampler`).
 
 Every kernel rounds where the MLX ops round (matmul outputs, the normalised input, SiLU) and
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
@@ -22,9 +24,11 @@ MLX ops (:data:`DTYPES`). Metal and the CPU always use the MLX ops; nothing here
 until a CUDA step asks for it.
 
 Status: **on by default** on CUDA (``CSM_FUSED_KERNELS=0`` turns it off). Measured on an H200
-(``bench_peer.py``, bf16, one process, median of 20 alternating frames): 21.8 ms/frame against 38.3
-without these kernels and 87.8 for mlx-audio; a frame is 1,399 MLX work primitives on CUDA (3,757
-before any of this work). Every kernel matches the MLX ops (``tests/test_fused_kernels.py``, on the GPU).
+(``bench_peer.py``, bf16, one process, median of 16 alternating frames, with the sampler kernel):
+17.0 ms/frame against 52.0 without these kernels and 86.8 for mlx-audio; a frame is 892 MLX work
+primitives on CUDA (3,757 before any of this work). Every kernel matches the MLX ops
+(``tests/test_fused_kernels.py``, on the GPU). Most of the frame's GPU time is now these kernels'
+memory latency (docs/model.md, "Where a fused frame's GPU time goes"; ``benchmarks/bench_kernels.py``).
 
 The first frame of a process on a machine that has never run csm-mlx is slow (47 s on an H200, the
 second 24 s): MLX JIT-compiles its fused element-wise kernels (~1-4 s each, kept on disk under
