@@ -230,7 +230,7 @@ def test_compiled_step_attends_the_whole_cache_only_where_the_fused_kernel_serve
     cache = model.make_cache(1, max_len=1024)
     spans = {}
     for fused_serves in (False, True):
-        monkeypatch.setattr(fused, "applies", lambda layer, x, on=fused_serves: on)
+        monkeypatch.setattr(fused, "applies_to_rows", lambda layer, rows, dtype, on=fused_serves: on)
         spans[fused_serves] = []
         for offset in (0, 255, 256, 700):
             for layer_cache in cache.backbone:

@@ -110,6 +110,15 @@ class FrameCache:
         """Backbone positions filled so far (prompt + generated frames, padding included)."""
         return self.backbone[0].offset
 
+    def backbone_buffers(self) -> tuple[list[mx.array], list[mx.array]]:
+        """Every backbone layer's key and value buffers (the inputs of a step that writes them anew)."""
+        return [c.keys for c in self.backbone], [c.values for c in self.backbone]
+
+    def set_backbone_buffers(self, keys: list[mx.array], values: list[mx.array]) -> None:
+        """Take a step's new key and value buffers, one per backbone layer (offsets are the caller's)."""
+        for layer_cache, k, v in zip(self.backbone, keys, values):
+            layer_cache.keys, layer_cache.values = k, v
+
     def trim(self, length: int) -> None:
         """Keep the first ``length`` backbone positions (a shared prefix); the decoder resets every frame."""
         for cache in self.backbone:

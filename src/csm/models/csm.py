@@ -154,11 +154,9 @@ class CSM(nn.Module):
         if rows > length:
             pad = ((0, 0), (0, rows - length), (0, 0))
             tokens, mask = mx.pad(tokens, pad), mx.pad(mask, pad)
-        keys, values = [c.keys for c in layers], [c.values for c in layers]
         where = mx.array([offset], dtype=mx.int32)
-        h, keys, values = self.backbone_rows(tokens, mask, where, cache.start, keys, values, span=keys_span)
-        for layer_cache, k, v in zip(layers, keys, values):
-            layer_cache.keys, layer_cache.values = k, v
+        h, keys, values = self.backbone_rows(tokens, mask, where, cache.start, *cache.backbone_buffers(), span=keys_span)
+        cache.set_backbone_buffers(keys, values)
         return h[:, :length]
 
     def backbone_rows(

@@ -72,14 +72,12 @@ class CompiledFrame:
         if cache.offset == 0 or tokens.shape[1] > 1:  # a prompt: eager backbone, compiled decoder
             last_h = self.model.forward_backbone(tokens, mask, cache)[:, -1]
             return self._decode(last_h, *extra)
-        layers = cache.backbone
         offset = mx.array([cache.offset], dtype=mx.int32)
-        keys, values = [c.keys for c in layers], [c.values for c in layers]
         codes, keys, values = self._compiled_step(self._step_span(cache, tokens.shape[0]))(
-            tokens, mask, offset, cache.start, keys, values, *extra
+            tokens, mask, offset, cache.start, *cache.backbone_buffers(), *extra
         )
-        for layer_cache, k, v in zip(layers, keys, values):
-            layer_cache.keys, layer_cache.values = k, v
+        cache.set_backbone_buffers(keys, values)
+        for layer_cache in cache.backbone:
             layer_cache.offset += 1
         return codes
 
@@ -93,9 +91,7 @@ class CompiledFrame:
         ops pay for every position read, so the span grows with the cache (one trace per 256 frames).
         """
         max_len = cache.backbone[0].max_len
-        layer = self.model.backbone.layers[0]
-        probe = mx.zeros((rows, 1, self.model.args.backbone.embed_dim), self.model.dtype)  # shape only, never evaluated
-        if fused.applies(layer, probe) and max_len <= fused.MAX_MASKED:
+        if fused.applies_to_rows(self.model.backbone.layers[0], rows, self.model.dtype) and max_len <= fused.MAX_MASKED:
             return max_len
         return _span(cache.offset + 1, max_len)
 

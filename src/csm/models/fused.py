@@ -553,14 +553,18 @@ def _device_shared_limit() -> int:
 
 def applies(layer: nn.Module, x: mx.array) -> bool:
     """Whether ``layer`` (a :class:`~.llama.TransformerLayer`) can take one-row step ``x`` (B, 1, D) fused."""
-    if not active() or x.ndim != 3 or x.shape[1] != 1 or x.shape[0] > MAX_ROWS or x.dtype not in DTYPES:
+    return x.ndim == 3 and x.shape[1] == 1 and applies_to_rows(layer, x.shape[0], x.dtype)
+
+
+def applies_to_rows(layer: nn.Module, rows: int, dtype: mx.Dtype) -> bool:
+    """Whether ``layer``'s one-row steps of ``rows`` batch rows in ``dtype`` take the fused kernels."""
+    if not active() or rows > MAX_ROWS or dtype not in DTYPES:
         return False
     attn, mlp = layer.attn, layer.mlp
     projections = (attn.qkv_proj, attn.output_proj, mlp.w13, mlp.w2)
-    if not all(is_plain_linear(m) and m.weight.dtype == x.dtype for m in projections):
+    if not all(is_plain_linear(m) and m.weight.dtype == dtype for m in projections):
         return False  # quantized or adapter-wrapped projections take the MLX ops
-    B, D = x.shape[0], x.shape[2]
-    widths = (D, attn.num_heads * attn.head_dim, mlp.w2.weight.shape[1])
-    if any(k % (32 * 16 // x.dtype.size) for k in widths) or attn.head_dim % 32:
+    widths = (attn.qkv_proj.weight.shape[1], attn.num_heads * attn.head_dim, mlp.w2.weight.shape[1])
+    if any(k % (32 * 16 // dtype.size) for k in widths) or attn.head_dim % 32:
         return False
-    return max(widths) * B * x.dtype.size <= _device_shared_limit()
+    return max(widths) * rows * dtype.size <= _device_shared_limit()

@@ -362,16 +362,16 @@ class TransformerLayer(nn.Module):
                 rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
             )
             h = fused.attend_out(q, cache.keys, cache.values, slot, attn.output_proj.weight, rows)
-        elif fused.attends_masked(mask, B):
-            # A long cache with a boolean mask over its first positions (the compiled backbone step,
-            # or an op-by-op one): MLX writes the cache, the kernels attend and project.
-            q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
-            cache.update_and_fetch(k, v)
-            att = fused.attend_masked(q, cache.keys, cache.values, mask.reshape(B, -1))
-            h = fused.down(att, attn.output_proj.weight, rows)
         else:
             q, k, v = fused.norm_qkv_rope(rows, *qkv, *heads)
-            h = attn.attend(q[:, :, None], k, v, cache, mask, residual=x).reshape(B, D)
+            if fused.attends_masked(mask, B):
+                # A boolean mask over the cache's first positions (the compiled backbone step, or an
+                # op-by-op one): MLX writes the cache, the kernels attend and project.
+                cache.update_and_fetch(k, v)
+                att = fused.attend_masked(q, cache.keys, cache.values, mask.reshape(B, -1))
+                h = fused.down(att, attn.output_proj.weight, rows)
+            else:
+                h = attn.attend(q[:, :, None], k, v, cache, mask, residual=x).reshape(B, D)
         gated = fused.norm_gate_up(h, self.mlp_norm.scale, self.mlp_norm.eps, mlp.w13.weight)
         return fused.down(gated, mlp.w2.weight, h).reshape(B, 1, D)
 
