@@ -28,7 +28,10 @@ import csm  # noqa: E402,F401  (first: loads an installed BLAS before mlx.core)
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 
-from csm.models import fused, fused_sampler  # noqa: E402
+from mlx.utils import tree_map  # noqa: E402
+
+from csm.models import fused, fused_sampler, fused_stack  # noqa: E402
+from csm.models.llama import Llama, LlamaArgs  # noqa: E402
 from csm.sampling import sample_topk  # noqa: E402
 
 DECODER = dict(D=1024, H=8, KV=2, HD=128, I=8192, S=32)
@@ -100,6 +103,37 @@ def cases(shape: dict, rows: int, copies: int, dtype: mx.Dtype) -> dict[str, tup
     return result
 
 
+def stack_steps(rows: int, repeats: int, steps: int = 30) -> dict[str, float]:
+    """Seconds per one-row step of the 4-layer depth decoder over ``steps`` chained steps (a frame's
+    worth): the stack kernel (one launch a step, :mod:`csm.models.fused_stack`) against the per-layer
+    kernels and the MLX ops."""
+    args = LlamaArgs(num_layers=4, embed_dim=DECODER["D"], num_heads=DECODER["H"], num_kv_heads=DECODER["KV"],
+                     intermediate_dim=DECODER["I"], head_dim=DECODER["HD"])
+    model = Llama(args)
+    model.update(tree_map(lambda p: mx.random.normal(p.shape) * p.shape[-1] ** -0.5 if p.ndim == 2 else mx.ones(p.shape),
+                          model.parameters()))
+    model.set_dtype(mx.bfloat16)
+    x0 = mx.random.normal((rows, 1, args.embed_dim)).astype(mx.bfloat16)
+    mx.eval(model.parameters(), x0)
+    result = {}
+    for name, stack, kernels in (("stack kernel", True, True), ("layer kernels", False, True), ("MLX ops", False, False)):
+        saved, fused_stack._enabled = fused_stack._enabled, stack
+        rounds = []
+        try:
+            with fused.fused_kernels(kernels):
+                for _ in range(repeats + 1):  # the first builds and warms
+                    caches, x = model.make_cache(rows, 32, mx.bfloat16), x0
+                    for _ in range(steps):
+                        x = model(x, caches, None, caches[0].offset)
+                    start = time.perf_counter()
+                    mx.eval(x, *[c.keys for c in caches])
+                    rounds.append((time.perf_counter() - start) / steps)
+        finally:
+            fused_stack._enabled = saved
+        result[name] = statistics.median(rounds[1:])
+    return result
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -134,6 +168,10 @@ def main() -> int:
     else:
         line += f"{'-':>9} {'':>7} "
     print(line + f"{ops * 1e6:11.1f}")
+    if on_gpu and fused_stack.multiprocessors():
+        print(f"decoder step, 4 layers, {args.rows} row(s), 30 chained steps (µs a step):")
+        for name, seconds in stack_steps(args.rows, args.repeats).items():
+            print(f"  {name:<16} {seconds * 1e6:8.1f}")
     return 0
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 from mlx.utils import tree_map
 
-from csm.models import fused
+from csm.models import fused, fused_stack
 from csm.models.cache import KVCache, StepKV
-from csm.models.llama import LlamaArgs, TransformerLayer
+from csm.models.llama import Llama, LlamaArgs, TransformerLayer
 
 needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="fused kernels run on MLX's CUDA backend only")
 
@@ -149,6 +149,109 @@ def test_not_taken_for_quantized_or_long_rows():
         assert not fused.applies(layer, mx.zeros((1, 1, DECODER.embed_dim)))
 
 
+STACK = LlamaArgs(num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=2, intermediate_dim=2048, head_dim=64)
+
+
+def make_stack(args: LlamaArgs, seed: int, dtype: mx.Dtype) -> Llama:
+    mx.random.seed(seed)
+    model = Llama(args)
+    model.update(
+        tree_map(
+            lambda p: mx.random.normal(p.shape) * p.shape[-1] ** -0.5 if p.ndim == 2 else 1 + 0.3 * mx.random.normal(p.shape),
+            model.parameters(),
+        )
+    )
+    model.set_dtype(dtype)
+    mx.eval(model.parameters())
+    return model
+
+
+def run_stack(model: Llama, x: mx.array, caches: list[KVCache], steps: int, path: str) -> tuple[list[mx.array], list[KVCache]]:
+    """``steps`` one-row steps (x fed back) through the whole stack: ``path`` is "stack", "layers" or "ops"."""
+    caches = [copy_cache(c) for c in caches]
+    outs = []
+    with fused.fused_kernels(path != "ops"):
+        enabled, fused_stack._enabled = fused_stack._enabled, path == "stack"
+        try:
+            for _ in range(steps):
+                assert fused_stack.applies(model.layers, x.shape[0], x.dtype, caches) == (path == "stack")
+                x = model(x, caches, None, caches[0].offset)
+                mx.eval(x, *[c.keys for c in caches], *[c.values for c in caches])
+                outs.append(x)
+        finally:
+            fused_stack._enabled = enabled
+    return outs, caches
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("offset", [0, 13])
+def test_stack_kernel_float32_equals_layer_kernels_and_mlx_ops(batch, offset):
+    """Every layer of a short-cache step in one launch (grid barriers between phases): 19 launches in
+    a row (the barrier counters must return to zero after each) match the per-layer kernels and the
+    MLX ops, outputs and every layer's cache."""
+    model = make_stack(STACK, seed=batch + offset, dtype=mx.float32)
+    x = mx.random.normal((batch, 1, STACK.embed_dim))
+    caches = [filled_cache(STACK, batch, 32, offset, mx.float32, seed=offset + i) for i in range(STACK.num_layers)]
+    steps = 19  # from offset 13, the last one fills position 31
+    runs = {path: run_stack(model, x, caches, steps, path) for path in ("ops", "layers", "stack")}
+    (ref, ref_caches), (got, got_caches) = runs["ops"], runs["stack"]
+    errs = [max(rel_err(g, r) for g, r in zip(got, ref))]
+    errs += [max(rel_err(g.keys, r.keys), rel_err(g.values, r.values)) for g, r in zip(got_caches, ref_caches)]
+    layers_err = max(rel_err(g, r) for g, r in zip(got, runs["layers"][0]))
+    print(f"measured stack float32 B={batch} offset={offset} steps={steps}: out {errs[0]:.2e} caches {max(errs[1:]):.2e} "
+          f"(vs layer kernels {layers_err:.2e})")
+    assert all(c.offset == offset + steps for c in got_caches)
+    assert max(errs) < FLOAT32_BOUND and layers_err < FLOAT32_BOUND
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 8])
+def test_stack_kernel_bfloat16_as_close_to_float32_as_mlx_ops(batch):
+    """bf16 (the dtype it serves): the stack kernel is no further from float32 than the MLX bf16 ops."""
+    model32, model16 = make_stack(STACK, 5, mx.float32), make_stack(STACK, 5, mx.bfloat16)
+    x32 = mx.random.normal((batch, 1, STACK.embed_dim))
+    caches32 = [filled_cache(STACK, batch, 32, 9, mx.float32, seed=i) for i in range(STACK.num_layers)]
+    caches16 = [copy_cache(c) for c in caches32]
+    for c in caches16:
+        c.keys, c.values = c.keys.astype(mx.bfloat16), c.values.astype(mx.bfloat16)
+    exact = run_stack(model32, x32, caches32, 4, "ops")[0]
+    x16 = x32.astype(mx.bfloat16)
+    mlx_err = max(rel_err(g, r) for g, r in zip(run_stack(model16, x16, caches16, 4, "ops")[0], exact))
+    stack_err = max(rel_err(g, r) for g, r in zip(run_stack(model16, x16, caches16, 4, "stack")[0], exact))
+    print(f"measured stack bf16 B={batch}: MLX ops {mlx_err:.2e}, stack kernel {stack_err:.2e} (vs float32)")
+    assert stack_err <= 1.5 * mlx_err + 2**-8
+
+
+def test_stack_kernel_routing(monkeypatch):
+    """Where the stack kernel is taken: CUDA (stood in here), short caches, every layer fused, a
+    multiprocessor count read, one eps, no MPS share limit, not turned off; else the per-layer path."""
+    monkeypatch.setattr(fused, "DTYPES", {mx.bfloat16})
+    monkeypatch.setattr(fused, "active", lambda: True)
+    monkeypatch.setattr(fused, "_device_shared_limit", lambda: fused.shared_limit((9, 0)))
+    monkeypatch.setattr(fused_stack, "multiprocessors", lambda: 132)
+    monkeypatch.setattr(fused_stack, "_enabled", True)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", raising=False)
+    model = make_stack(STACK, 0, mx.bfloat16)
+    caches = [KVCache(8, 2, 64, 32, mx.bfloat16) for _ in range(4)]
+    assert fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    assert not fused_stack.applies(model.layers, 9, mx.bfloat16, caches)  # over fused.MAX_ROWS
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches[:3])
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, [KVCache(8, 2, 64, 64, mx.bfloat16)] * 4)  # long cache
+    monkeypatch.setattr(fused_stack, "multiprocessors", lambda: 0)  # the driver could not be asked
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    monkeypatch.setattr(fused_stack, "multiprocessors", lambda: 132)
+    model.layers[2].mlp_norm.eps = 1e-6  # one eps is compiled in
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    model.layers[2].mlp_norm.eps = model.layers[0].mlp_norm.eps
+    assert fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # part of the multiprocessors: no barrier
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    monkeypatch.delenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE")
+    monkeypatch.setattr(fused_stack, "_enabled", False)  # CSM_FUSED_STACK=0
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+
+
 class OpsKernels:
     """The kernels written with MLX ops (their contract), to check ``_fused_step``'s plumbing anywhere."""
 
@@ -165,11 +268,11 @@ class OpsKernels:
         q, k, v = qk[:, :heads, 0], qk[:, heads:], rows[:, heads + kv_heads :]
         if cache is None:
             return q, k, v
-        return q, *(mx.slice_update(c, new, slot, axes=(2,)) for c, new in zip(cache, (k, v)))
+        return q, *(mx.slice_update(c, new, slot[:1], axes=(2,)) for c, new in zip(cache, (k, v)))
 
     @staticmethod
     def attend_out(q, keys, values, slot, w, residual):
-        n = slot.item() + 1
+        n = slot[0].item() + 1
         out = mx.fast.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n], scale=q.shape[-1] ** -0.5)
         return out.reshape(q.shape[0], -1) @ w.T + residual
 

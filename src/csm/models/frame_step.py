@@ -72,7 +72,7 @@ class CompiledFrame:
         if cache.offset == 0 or tokens.shape[1] > 1:  # a prompt: eager backbone, compiled decoder
             last_h = self.model.forward_backbone(tokens, mask, cache)[:, -1]
             return self._decode(last_h, *extra)
-        offset = mx.array([cache.offset], dtype=mx.int32)
+        offset = fused.step_index(cache.offset)[:1]  # (1,), in a buffer past MLX's small-array pool
         codes, keys, values = self._compiled_step(self._step_span(cache, tokens.shape[0]))(
             tokens, mask, offset, cache.start, *cache.backbone_buffers(), *extra
         )

@@ -105,6 +105,20 @@ template <typename T> __device__ __forceinline__ float rnd(float x) { return f32
 
 template <typename T> struct alignas(16) Pack { T v[16 / sizeof(T)]; };
 
+// Loads; CG = through L2 only, for data other blocks of this launch wrote (an SM's L1 is not
+// coherent with the others': a plain load could see what it cached before those writes).
+template <bool CG, typename T> __device__ __forceinline__ Pack<T> load16(const T* p) {
+  if constexpr (CG) {
+    const int4 v = __ldcg(reinterpret_cast<const int4*>(p));
+    return *reinterpret_cast<const Pack<T>*>(&v);
+  } else {
+    return *reinterpret_cast<const Pack<T>*>(p);
+  }
+}
+template <bool CG, typename T> __device__ __forceinline__ T load1(const T* p) {
+  if constexpr (CG) return __ldcg(p); else return *p;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -136,18 +150,18 @@ template <int NW> __device__ float block_sum(float v, float* scratch) {
 
 // Copy rows x (B, K) into shared xs; with NORM, RMS-normalise and scale them as mx.fast.rms_norm
 // does (normalised value rounded to T, times the scale in T).
-template <typename T, int B, int K, bool NORM>
-__device__ void stage_rows(const T* __restrict__ x, const T* __restrict__ scale, float eps, T* xs, float* inv_rms) {
+template <typename T, int B, int K, bool NORM, bool CG = false>
+__device__ void stage_rows(const T* x, const T* __restrict__ scale, float eps, T* xs, float* inv_rms) {
   // 16-byte copies, unrolled (a one-element loop waited out a memory latency per element: 32 waits
   // a thread for an 8,192-wide row); the element loop only for an input not 16-byte aligned.
   constexpr int V = 16 / sizeof(T);
   if ((reinterpret_cast<size_t>(x) & 15) == 0) {
 #pragma unroll 4
     for (int i = threadIdx.x * V; i < B * K; i += blockDim.x * V) {
-      *reinterpret_cast<Pack<T>*>(xs + i) = *reinterpret_cast<const Pack<T>*>(x + i);
+      *reinterpret_cast<Pack<T>*>(xs + i) = load16<CG>(x + i);
     }
   } else {
-    for (int i = threadIdx.x; i < B * K; i += blockDim.x) xs[i] = x[i];
+    for (int i = threadIdx.x; i < B * K; i += blockDim.x) xs[i] = load1<CG>(x + i);
   }
   __syncthreads();
   if (!NORM) return;
@@ -195,21 +209,13 @@ __device__ __forceinline__ void warp_dot(const T* __restrict__ w, const int (&ro
 #pragma unroll
     for (int b = 0; b < B; ++b) acc[r][b] = warp_sum(acc[r][b]);
 }
-"""
 
-# Template constants every kernel gets: T (dtype), B (rows), and the shapes named per kernel.
-# EPS is a float: templates take ints only, so it is written into the source (one kernel per eps).
-
-_NORM_QKV_ROPE = r"""
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* xs = reinterpret_cast<T*>(smem);
-  __shared__ float inv_rms[B];
-  stage_rows<T, B, D, true>(x, scale, EPS, xs, inv_rms);
-  constexpr int QR = H * HD, KR = KV * HD, N = QR + 2 * KR;
-  const int s = slot[0];
-/*COPY*/
-  const int pair = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // rows 2 pair, 2 pair + 1: one RoPE pair
-  if (pair >= N / 2) return;
+// One warp: q/k/v rows 2 pair, 2 pair + 1 (one RoPE pair) of RMSNorm'd rows xs (B, D); q goes to
+// q (B, H * HD), k and v to position s of k_out / v_out (B, KV, S, HD).
+template <typename T, int B, int D, int H, int KV, int HD, int S>
+__device__ __forceinline__ void qkv_rope_pair(const T* __restrict__ w, int pair, const T* xs, const float* periods,
+                                              const int* pos, int s, T* q, T* k_out, T* v_out) {
+  constexpr int QR = H * HD, KR = KV * HD;
   const int rows[2] = {2 * pair, 2 * pair + 1};
   float acc[2][B];
   warp_dot<T, B, D, 2>(w, rows, xs, acc);
@@ -231,35 +237,40 @@ _NORM_QKV_ROPE = r"""
     dst[0] = to<T>(x0);
     dst[1] = to<T>(x1);
   }
-"""
+}
 
-# With a cache: the rest of it comes along unchanged (its slot row is the new k, v).
-_COPY_CACHE = r"""
-  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < B * KV * S * HD; i += gridDim.x * blockDim.x) {
-    if ((i / HD) % S != s) { k_out[i] = k_in[i]; v_out[i] = v_in[i]; }
+// Copy a cache (B, KV, S, HD) except position s (written by qkv_rope_pair), 16 bytes a thread and
+// step over `threads` threads numbered `first`.
+template <typename T, int B, int KV, int S, int HD>
+__device__ __forceinline__ void copy_cache_except(const T* k_in, const T* v_in, T* k_out, T* v_out, int s, int first, int threads) {
+  constexpr int V = 16 / sizeof(T);
+  for (int i = first * V; i < B * KV * S * HD; i += threads * V) {
+    if ((i / HD) % S != s) {
+      *reinterpret_cast<Pack<T>*>(k_out + i) = *reinterpret_cast<const Pack<T>*>(k_in + i);
+      *reinterpret_cast<Pack<T>*>(v_out + i) = *reinterpret_cast<const Pack<T>*>(v_in + i);
+    }
   }
-"""
+}
 
-_ATTEND_OUT = r"""
-  extern __shared__ __align__(16) unsigned char smem[];
-  T* att = reinterpret_cast<T*>(smem);  // (B, H * HD): every block recomputes the (tiny) attention
-  constexpr int G = H / KV, C = HD / 32;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, nwarps = blockDim.x / 32;
-  const int visible = slot[0] + 1;
+// Attention of q (B, H, HD) over cache positions 0..visible-1 (<= 32: one lane each) into att
+// (B, H * HD, shared), one warp per (row, head). The whole block takes part.
+template <typename T, int B, int H, int KV, int HD, int S, bool CG>
+__device__ void attend_heads(const T* q, const T* k, const T* v, int visible, T* att) {
+  constexpr int G = H / KV, C = HD / 32, V16 = 16 / sizeof(T);
+  const int lane = threadIdx.x % 32, nwarps = blockDim.x / 32;
   const float scale = rsqrtf(static_cast<float>(HD));
-  for (int bh = warp; bh < B * H; bh += nwarps) {
+  for (int bh = threadIdx.x / 32; bh < B * H; bh += nwarps) {
     const int b = bh / H, h = bh % H;
     const T* qv = q + (size_t)bh * HD;
     const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
     const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
     float score = __int_as_float(0xff800000);  // -inf
     if (lane < visible) {  // 16-byte loads of q and of this lane's key row, summed in order
-      constexpr int V16 = 16 / sizeof(T);
       float d = 0.f;
 #pragma unroll
       for (int i0 = 0; i0 < HD; i0 += V16) {
-        const Pack<T> qp = *reinterpret_cast<const Pack<T>*>(qv + i0);
-        const Pack<T> kp = *reinterpret_cast<const Pack<T>*>(kb + lane * HD + i0);
+        const Pack<T> qp = load16<CG>(qv + i0);
+        const Pack<T> kp = load16<CG>(kb + lane * HD + i0);
 #pragma unroll
         for (int i = 0; i < V16; ++i) d += f32<T>(qp.v[i]) * f32<T>(kp.v[i]);
       }
@@ -275,20 +286,73 @@ _ATTEND_OUT = r"""
     for (int t = 0; t < visible; ++t) {
       const float pt = __shfl_sync(0xffffffffu, p, t);
 #pragma unroll
-      for (int j = 0; j < C; ++j) o[j] += pt * f32<T>(vb[t * HD + lane + 32 * j]);
+      for (int j = 0; j < C; ++j) o[j] += pt * f32<T>(load1<CG>(vb + t * HD + lane + 32 * j));
     }
 #pragma unroll
     for (int j = 0; j < C; ++j) att[b * H * HD + h * HD + lane + 32 * j] = to<T>(o[j] / total);
   }
   __syncthreads();
-  const int row = blockIdx.x * nwarps + warp;
-  if (row >= D) return;
+}
+
+// One warp: out[:, row] = W[row, :] . xs (K wide) + res[:, row] (rows D wide).
+template <typename T, int B, int K, int D, bool CG>
+__device__ __forceinline__ void out_row(const T* __restrict__ w, int row, const T* xs, const T* res, T* out) {
   const int rows[1] = {row};
   float acc[1][B];
-  warp_dot<T, B, H * HD, 1>(w, rows, att, acc);
-  if (lane == 0) {
-    for (int b = 0; b < B; ++b) out[b * D + row] = to<T>(acc[0][b] + f32<T>(res[b * D + row]));
+  warp_dot<T, B, K, 1>(w, rows, xs, acc);
+  if (threadIdx.x % 32 == 0) {
+    for (int b = 0; b < B; ++b) out[b * D + row] = to<T>(acc[0][b] + f32<T>(load1<CG>(res + b * D + row)));
   }
+}
+
+// One warp: out[:, j] = silu(w1[j] . xs) * (w3[j] . xs) for each j of cols (w1 row j, w3 row I + j
+// of w; a column < 0 is skipped): C columns' loads in flight together.
+template <typename T, int B, int D, int I, int C>
+__device__ __forceinline__ void gate_up_cols(const T* __restrict__ w, const int (&cols)[C], const T* xs, T* out) {
+  int rows[2 * C];
+#pragma unroll
+  for (int c = 0; c < C; ++c) { rows[2 * c] = max(cols[c], 0); rows[2 * c + 1] = I + max(cols[c], 0); }
+  float acc[2 * C][B];
+  warp_dot<T, B, D, 2 * C>(w, rows, xs, acc);
+  if (threadIdx.x % 32 != 0) return;
+#pragma unroll
+  for (int c = 0; c < C; ++c) {
+    if (cols[c] < 0) continue;
+    for (int b = 0; b < B; ++b) {
+      const float g = rnd<T>(acc[2 * c][b]), u = rnd<T>(acc[2 * c + 1][b]);
+      const float silu = rnd<T>(g * rnd<T>(1.f / (1.f + expf(-g))));
+      out[b * I + cols[c]] = to<T>(silu * u);
+    }
+  }
+}
+"""
+
+# Template constants every kernel gets: T (dtype), B (rows), and the shapes named per kernel.
+# EPS is a float: templates take ints only, so it is written into the source (one kernel per eps).
+
+_NORM_QKV_ROPE = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  __shared__ float inv_rms[B];
+  stage_rows<T, B, D, true>(x, scale, EPS, xs, inv_rms);
+  constexpr int N = (H + 2 * KV) * HD;
+  const int s = slot[0];
+/*COPY*/
+  const int pair = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  if (pair < N / 2) qkv_rope_pair<T, B, D, H, KV, HD, S>(w, pair, xs, periods, pos, s, q, k_out, v_out);
+"""
+
+# With a cache: the rest of it comes along unchanged (its slot row is the new k, v).
+_COPY_CACHE = r"""
+  copy_cache_except<T, B, KV, S, HD>(k_in, v_in, k_out, v_out, s, blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+"""
+
+_ATTEND_OUT = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* att = reinterpret_cast<T*>(smem);  // (B, H * HD): every block recomputes the (tiny) attention
+  attend_heads<T, B, H, KV, HD, S, false>(q, k, v, slot[0] + 1, att);
+  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (row < D) out_row<T, B, H * HD, D, false>(w, row, att, res, out);
 """
 
 # A long cache (the backbone's): one block per (row, head); scores for every masked-in position in
@@ -353,16 +417,8 @@ _NORM_GATE_UP = r"""
   __shared__ float inv_rms[B];
   stage_rows<T, B, D, true>(x, scale, EPS, xs, inv_rms);
   const int j = (blockIdx.x * blockDim.x + threadIdx.x) / 32;  // output column: w1 row j, w3 row I + j
-  if (j >= I) return;
-  const int rows[2] = {j, I + j};
-  float acc[2][B];
-  warp_dot<T, B, D, 2>(w, rows, xs, acc);
-  if (threadIdx.x % 32 != 0) return;
-  for (int b = 0; b < B; ++b) {
-    const float g = rnd<T>(acc[0][b]), u = rnd<T>(acc[1][b]);
-    const float silu = rnd<T>(g * rnd<T>(1.f / (1.f + expf(-g))));
-    out[b * I + j] = to<T>(silu * u);
-  }
+  const int cols[1] = {j};
+  if (j < I) gate_up_cols<T, B, D, I, 1>(w, cols, xs, out);
 """
 
 _DOWN = r"""
@@ -370,13 +426,7 @@ _DOWN = r"""
   T* xs = reinterpret_cast<T*>(smem);
   stage_rows<T, B, K, false>(x, x, 0.f, xs, nullptr);
   const int row = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
-  if (row >= D) return;
-  const int rows[1] = {row};
-  float acc[1][B];
-  warp_dot<T, B, K, 1>(w, rows, xs, acc);
-  if (threadIdx.x % 32 == 0) {
-    for (int b = 0; b < B; ++b) out[b * D + row] = to<T>(acc[0][b] + f32<T>(res[b * D + row]));
-  }
+  if (row < D) out_row<T, B, K, D, false>(w, row, xs, res, out);
 """
 
 
@@ -416,6 +466,25 @@ def _launch(
     )
 
 
+#: MLX's CUDA allocator serves arrays of 8 bytes or less from one managed-memory pool whose pages
+#: also hold every small array the host writes (each step's scalars): a kernel reading one can wait
+#: on a page migration (an H200 trace: the kernels reading a 4-byte slot took 10-30 µs, their
+#: neighbours a steady 8-13). Index arrays the kernels read are padded past that size.
+_PADDED = 4
+
+
+def step_index(value: int) -> mx.array:
+    """``value`` as an int32 array the kernels read at ``[0]``, padded out of MLX's small-array pool."""
+    return mx.array([value] + [0] * (_PADDED - 1), dtype=mx.int32)
+
+
+def row_positions(positions: int | mx.array, rows: int) -> mx.array:
+    """Each row's RoPE position, int32; an int is written into at least 4 entries (see :func:`step_index`)."""
+    if isinstance(positions, int):
+        return mx.full((max(rows, _PADDED),), positions, dtype=mx.int32)
+    return mx.broadcast_to(positions.astype(mx.int32).reshape(-1), (rows,))
+
+
 def _with_eps(source: str, eps: float) -> str:
     return f"  constexpr float EPS = {float(eps)!r}f;\n" + source
 
@@ -435,14 +504,14 @@ def norm_qkv_rope(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """RMSNorm(x) @ qkv^T, RoPE'd at ``pos`` (B,) int32: q (B, H, hd), and k, v.
 
-    With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` ((1,) int32) of
+    With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` (int32, read at [0]: :func:`step_index`) of
     copies of the cache, returned in their place; without, k and v are (B, KV, 1, hd).
     """
     B, D = x.shape
     copy = cache is not None
     S = cache[0].shape[2] if copy else 1
     if not copy:
-        slot = mx.zeros((1,), mx.int32)
+        slot = step_index(0)
     inputs = ["x", "scale", "w", "periods", "pos", "slot"] + (["k_in", "v_in"] if copy else [])
     arrays = [x, scale, w, periods, pos, slot] + (list(cache) if copy else [])
     kv_shape = (B, kv_heads, S, head_dim)

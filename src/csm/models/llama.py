@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from . import fused
+from . import fused, fused_stack
 from ..backend import is_cuda
 from .cache import KVCache
 
@@ -350,14 +350,11 @@ class TransformerLayer(nn.Module):
         attn, mlp = self.attn, self.mlp
         B, _, D = x.shape
         rows = x.reshape(B, D)
-        if isinstance(positions, int):
-            pos = mx.full((B,), positions, dtype=mx.int32)
-        else:
-            pos = mx.broadcast_to(positions.astype(mx.int32).reshape(-1), (B,))
+        pos = fused.row_positions(positions, B)
         qkv = (self.sa_norm.scale, self.sa_norm.eps, attn.qkv_proj.weight, attn._periods, pos)
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         if type(cache) is KVCache and cache.max_len <= fused.MAX_ATTEND:
-            slot = mx.array([cache.reserve(1)], dtype=mx.int32)
+            slot = fused.step_index(cache.reserve(1))
             q, cache.keys, cache.values = fused.norm_qkv_rope(
                 rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
             )
@@ -404,6 +401,10 @@ class Llama(nn.Module):
         Returns:
             (B, L, D) hidden states after the final norm.
         """
+        B, L, D = h.shape
+        if cache is not None and L == 1 and fused_stack.applies(self.layers, B, h.dtype, cache):
+            # a short-cache one-row step (the depth decoder's): every layer in one CUDA kernel
+            return self.norm(fused_stack.step(h.reshape(B, D), self.layers, cache, positions).reshape(B, 1, D))
         for layer, layer_cache in zip(self.layers, cache or [None] * len(self.layers)):
             h = layer(h, layer_cache, mask, positions)
         return self.norm(h)

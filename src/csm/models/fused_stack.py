@@ -1,0 +1,288 @@
+"""A whole short-cache layer stack's one-row step in one CUDA kernel (MLX's CUDA backend only).
+
+The depth decoder runs 31 one-row steps a frame through 4 layers. With :mod:`.fused`'s kernels a
+layer step is 4 launches, so a frame is ~500 small kernels whose memory latencies and launch gaps,
+not their ~212 MB of weights a step, set the frame's time (an H200 trace: ~50 µs a layer step where
+the weights take ~12 µs to stream). Here one launch runs every layer of the step: a persistent
+grid of one block per multiprocessor walks the same four phases as those kernels —
+
+1. RMSNorm → q/k/v → RoPE, k and v written into a copy of the layer's cache at ``slot``;
+2. attention over positions ``0..slot`` (each block recomputes it: ≤ 32 positions) → output
+   projection + residual → ``h``;
+3. RMSNorm(h) → ``silu(w1 ·) * (w3 ·)``;
+4. w2 + residual → the next layer's input, each block owning a few output rows whose dot products
+   its 8 warps split along K (loads for the 8,192-wide rows in flight at once, not one after another);
+
+— and waits at a grid-wide barrier between phases. The barrier needs every block resident at
+once: the grid is the GPU's multiprocessor count (read from the driver), one 256-thread block each,
+and :func:`applies` keeps the kernel to shapes whose shared memory fits one block per
+multiprocessor. Data written earlier in the launch is read through L2 (``__ldcg``), never a stale L1.
+
+The arithmetic is :mod:`.fused`'s (the same device functions, float32 accumulation, rounding where
+the MLX ops round) except the w2 dot products, summed per warp slice then across the 8 warps in a
+fixed order: results are deterministic, and differ from the per-layer kernels by accumulation order
+only (``tests/test_fused_kernels.py`` on a GPU).
+
+The barrier counters are two words of a buffer per thread that the kernel returns to zero as its last
+block leaves.
+
+Status: **on by default** on CUDA (``CSM_FUSED_STACK=0`` turns it off; it is also off for an MPS
+client given ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, whose grid could not all be resident). Measured
+on H200s (bf16, one row, ``benchmarks/bench_kernels.py``'s 30 chained decoder steps, and whole
+compiled frames alternating in one process), two lent machines:
+
+* one: 220 µs a step against 249 for the per-layer kernels; frames 11.97 vs 11.88 ms (the same);
+* another, slower per launch: 230 vs 368 µs a step; frames 12.57 vs 17.08 ms (0.74×).
+
+With the barriers removed (wrong results, timing only) a step took 174 µs on the first machine:
+the 15 barriers cost ~3 µs each, and the phases are still ~3× the weights' streaming time (~60 µs
+a step at the H200's bandwidth), the next thing to shorten.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+
+import mlx.core as mx
+import numpy as np
+
+from . import fused
+from .cache import KVCache
+
+_THREADS = 256
+_WARPS = _THREADS // 32
+#: Most output rows of w2 a block owns (its 8 warps hold rows × batch partial sums).
+_MAX_DOWN_ROWS = 16
+
+#: On unless ``CSM_FUSED_STACK=0`` (then the per-layer kernels of :mod:`.fused` run).
+_enabled = os.environ.get("CSM_FUSED_STACK", "1") != "0"
+
+_STACK_HEADER = r"""
+// Every block of the grid waits here until all have arrived (all resident: one per multiprocessor).
+// count[0] only grows within a launch; `target` is this block's running total.
+__device__ __forceinline__ void grid_sync(unsigned int* count, unsigned int& target) {
+  target += gridDim.x;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(count, 1u);
+    while (*reinterpret_cast<volatile unsigned int*>(count) < target) {}
+    __threadfence();
+  }
+  __syncthreads();
+}
+
+// The last block out returns both counters to zero for the next launch (stream order makes that
+// visible to it); every other block has passed its last barrier by then.
+__device__ __forceinline__ void grid_exit(unsigned int* count) {
+  if (threadIdx.x == 0 && atomicAdd(count + 1, 1u) == gridDim.x - 1) {
+    atomicExch(count, 0u);
+    atomicExch(count + 1, 0u);
+  }
+}
+
+// Rows r0 .. r0 + RB - 1 (< D) of out = W xs + res, W (D, K): the block's warps each take K / NW
+// of every row, lanes 16 bytes at a time (RB x K / (NW * 256) loads in flight per lane), then the
+// partial sums meet in shared memory, added in warp order.
+template <typename T, int B, int K, int D, int RB, int NW>
+__device__ void block_rows(const T* __restrict__ w, int r0, const T* xs, const T* res, T* out, float (*red)[RB][B]) {
+  constexpr int V = 16 / sizeof(T), KW = K / NW, STEPS = KW / (32 * V);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float acc[RB][B];
+#pragma unroll
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) acc[r][b] = 0.f;
+#pragma unroll 2
+  for (int step = 0; step < STEPS; ++step) {
+    const int k0 = warp * KW + (step * 32 + lane) * V;
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+      const int row = min(r0 + r, D - 1);  // rows past D: loaded (valid memory), never written
+      const Pack<T> wv = *reinterpret_cast<const Pack<T>*>(w + (size_t)row * K + k0);
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const Pack<T> xv = *reinterpret_cast<const Pack<T>*>(xs + b * K + k0);
+#pragma unroll
+        for (int i = 0; i < V; ++i) acc[r][b] += f32<T>(wv.v[i]) * f32<T>(xv.v[i]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < RB; ++r)
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const float v = warp_sum(acc[r][b]);
+      if (lane == 0) red[warp][r][b] = v;
+    }
+  __syncthreads();
+  for (int t = threadIdx.x; t < RB * B; t += blockDim.x) {
+    const int r = t / B, b = t % B, row = r0 + r;
+    if (row < D) {
+      float sum = 0.f;
+      for (int k = 0; k < NW; ++k) sum += red[k][r][b];
+      out[b * D + row] = to<T>(sum + f32<T>(__ldcg(res + b * D + row)));
+    }
+  }
+  __syncthreads();
+}
+"""
+
+_STACK = r"""
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* xs = reinterpret_cast<T*>(smem);
+  __shared__ float inv_rms[B];
+  __shared__ float red[NW][RB][B];
+  constexpr int N = (H + 2 * KV) * HD;
+  const int gw = blockIdx.x * NW + threadIdx.x / 32, GW = gridDim.x * NW;  // this warp, all warps
+  const int s = slot[0];
+  unsigned int* count = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
+  unsigned int target = 0;
+/*LAYERS*/
+  for (int l = 0; l < NL; ++l) {
+    const T* xin = l == 0 ? x : out;
+    // 1. RMSNorm -> q, k, v -> RoPE; k, v into the cache copy at s
+    stage_rows<T, B, D, true, true>(xin, sa[l], EPS, xs, inv_rms);
+    copy_cache_except<T, B, KV, S, HD>(k_in[l], v_in[l], k_out[l], v_out[l], s, blockIdx.x * blockDim.x + threadIdx.x,
+                                       gridDim.x * blockDim.x);
+    for (int pair = gw; pair < N / 2; pair += GW)
+      qkv_rope_pair<T, B, D, H, KV, HD, S>(wqkv[l], pair, xs, periods, pos, s, qbuf, k_out[l], v_out[l]);
+    grid_sync(count, target);
+    // 2. attention over 0..s (every block), output projection + residual -> h
+    attend_heads<T, B, H, KV, HD, S, true>(qbuf, k_out[l], v_out[l], s + 1, xs);
+    for (int row = gw; row < D; row += GW) out_row<T, B, H * HD, D, true>(wo[l], row, xs, xin, hbuf);
+    grid_sync(count, target);
+    // 3. RMSNorm(h) -> silu(w1 .) * (w3 .)
+    stage_rows<T, B, D, true, true>(hbuf, mn[l], EPS, xs, inv_rms);
+    for (int j = gw; j < I; j += 2 * GW) {  // two columns a warp at a time: twice the loads in flight
+      const int cols[2] = {j, j + GW < I ? j + GW : -1};
+      gate_up_cols<T, B, D, I, 2>(w13[l], cols, xs, gbuf);
+    }
+    grid_sync(count, target);
+    // 4. w2 + residual -> the next layer's input
+    stage_rows<T, B, I, false, true>(gbuf, gbuf, 0.f, xs, nullptr);
+    if (blockIdx.x * RB < D) block_rows<T, B, I, D, RB, NW>(w2[l], blockIdx.x * RB, xs, hbuf, out, red);
+    if (l + 1 < NL) grid_sync(count, target);
+  }
+  grid_exit(count);
+"""
+
+# Per-layer inputs (named with the layer's index), gathered into pointer tables the loop indexes.
+_PER_LAYER_IN = ("sa", "wqkv", "wo", "mn", "w13", "w2", "k_in", "v_in")
+
+
+def _tables(layers: int) -> str:
+    lines = []
+    for name in (*_PER_LAYER_IN, "k_out", "v_out"):
+        const = "" if name in ("k_out", "v_out") else "const "
+        items = ", ".join(f"{name}{i}" for i in range(layers))
+        lines.append(f"  {const}T* {name}[NL] = {{{items}}};")
+    return "\n".join(lines)
+
+
+@functools.cache
+def multiprocessors() -> int:
+    """The default CUDA device's multiprocessor count from the driver (0 when it cannot be read)."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+        device, count = ctypes.c_int(), ctypes.c_int()
+        if cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), 0):
+            return 0
+        if cuda.cuDeviceGetAttribute(ctypes.byref(count), 16, device):  # CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT
+            return 0
+        return count.value
+    except (OSError, AttributeError):
+        return 0
+
+
+_counters = threading.local()
+
+
+def _sync_buffer() -> mx.array:
+    """This thread's barrier counters: data, not a graph node, so a compiled trace holds it as a constant."""
+    if not hasattr(_counters, "buffer"):
+        # 1 KB, not 8 bytes: MLX keeps arrays of <= 8 bytes in a managed-memory pool whose pages the
+        # host writes too, and every barrier's atomics then waited on page migrations (~0.5 ms each)
+        _counters.buffer = mx.array(np.zeros(256, np.uint32))
+    return _counters.buffer
+
+
+def _down_rows(dim: int, blocks: int) -> int:
+    return -(-dim // blocks)
+
+
+def _sm_share_limited() -> bool:
+    """An MPS client limited to part of the GPU's multiprocessors: the grid would not all be resident."""
+    return bool(os.environ.get("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"))
+
+
+def applies(layers: list, rows: int, dtype: mx.Dtype, caches: list) -> bool:
+    """Whether one-row steps of ``rows`` batch rows through ``layers`` with these caches take the stack kernel."""
+    if not (_enabled and caches and len(caches) == len(layers)) or _sm_share_limited():
+        return False
+    if not all(type(c) is KVCache and c.max_len <= fused.MAX_ATTEND for c in caches):
+        return False
+    if not all(fused.applies_to_rows(layer, rows, dtype) for layer in layers):
+        return False
+    blocks = multiprocessors()
+    first = layers[0]
+    dim, inter = first.attn.qkv_proj.weight.shape[1], first.mlp.w2.weight.shape[1]
+    if blocks == 0 or _down_rows(dim, blocks) > _MAX_DOWN_ROWS or inter % (_WARPS * 32 * 16 // dtype.size):
+        return False
+    shapes = {
+        (tuple(layer.attn.qkv_proj.weight.shape), tuple(layer.mlp.w13.weight.shape), layer.sa_norm.eps, layer.mlp_norm.eps)
+        for layer in layers
+    }
+    if len(shapes) != 1:  # one set of template constants (and one eps) for every layer
+        return False
+    attn = first.attn
+    dynamic = rows * max(dim, inter, attn.num_heads * attn.head_dim) * dtype.size
+    static = 4 * rows * (1 + _WARPS * _down_rows(dim, blocks))  # inv_rms and the w2 partial sums, float32
+    return dynamic + static <= fused._device_shared_limit() + 1024
+
+
+def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.array) -> mx.array:
+    """Run one row per batch entry, ``x`` (B, D), through every layer; returns the last layer's output (B, D).
+
+    Each cache gets the step's keys and values at its next position (its arrays are replaced by
+    the kernel's outputs, as :func:`.fused.norm_qkv_rope` does).
+    """
+    B, D = x.shape
+    first = layers[0]
+    attn = first.attn
+    H, KV, HD = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    inter = first.mlp.w2.weight.shape[1]
+    S = caches[0].max_len
+    slots = {c.reserve(1) for c in caches}
+    if len(slots) != 1:
+        raise ValueError(f"the stack's caches are at different positions: {sorted(slots)}")
+    slot, pos = fused.step_index(slots.pop()), fused.row_positions(positions, B)
+    blocks = multiprocessors()
+    n = len(layers)
+    per_layer = {
+        "sa": [layer.sa_norm.scale for layer in layers], "wqkv": [layer.attn.qkv_proj.weight for layer in layers],
+        "wo": [layer.attn.output_proj.weight for layer in layers], "mn": [layer.mlp_norm.scale for layer in layers],
+        "w13": [layer.mlp.w13.weight for layer in layers], "w2": [layer.mlp.w2.weight for layer in layers],
+        "k_in": [c.keys for c in caches], "v_in": [c.values for c in caches],
+    }
+    inputs = ["x", "pos", "slot", "periods", "sync"] + [f"{k}{i}" for k in _PER_LAYER_IN for i in range(n)]
+    arrays = [x, pos, slot, attn._periods, _sync_buffer()] + [a for k in _PER_LAYER_IN for a in per_layer[k]]
+    outputs = ["out", "hbuf", "qbuf", "gbuf"] + [f"k_out{i}" for i in range(n)] + [f"v_out{i}" for i in range(n)]
+    kv_shape = (B, KV, S, HD)
+    shapes = [(B, D), (B, D), (B, H * HD), (B, inter)] + [kv_shape] * (2 * n)
+    rb = _down_rows(D, blocks)
+    source = fused._with_eps(_STACK.replace("/*LAYERS*/", _tables(n)), first.sa_norm.eps)  # = every norm's (applies)
+    launch = fused.kernel(f"csm_stack{n}", tuple(inputs), tuple(outputs), source, B * max(D, inter, H * HD) * x.dtype.size,
+                          fused.HEADER + _STACK_HEADER)
+    template = [("T", x.dtype), ("B", B), ("D", D), ("H", H), ("KV", KV), ("HD", HD), ("S", S), ("I", inter), ("NL", n),
+                ("NW", _WARPS), ("RB", rb)]
+    results = launch(
+        inputs=arrays, template=template, grid=(blocks * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
+        output_shapes=shapes, output_dtypes=[x.dtype] * len(shapes),
+    )
+    for i, cache in enumerate(caches):
+        cache.keys, cache.values = results[4 + i], results[4 + n + i]
+    return results[0]
