@@ -37,18 +37,21 @@ def admit_float32(monkeypatch):
     monkeypatch.setattr(fused, "DTYPES", {mx.float32, mx.bfloat16, mx.float16})
 
 
-def make_layer(args: LlamaArgs, seed: int) -> TransformerLayer:
+def randomized(module: nn.Module, seed: int) -> nn.Module:
+    """Non-trivial norm scales; weights giving unit-scale outputs."""
     mx.random.seed(seed)
-    layer = TransformerLayer(args)
-    # Non-trivial norm scales; weights giving unit-scale outputs.
-    layer.update(
+    module.update(
         tree_map(
             lambda p: mx.random.normal(p.shape) * p.shape[-1] ** -0.5 if p.ndim == 2 else 1 + 0.3 * mx.random.normal(p.shape),
-            layer.parameters(),
+            module.parameters(),
         )
     )
-    mx.eval(layer.parameters())
-    return layer
+    mx.eval(module.parameters())
+    return module
+
+
+def make_layer(args: LlamaArgs, seed: int) -> TransformerLayer:
+    return randomized(TransformerLayer(args), seed)
 
 
 def filled_cache(args: LlamaArgs, batch: int, max_len: int, offset: int, dtype: mx.Dtype, seed: int) -> KVCache:
@@ -153,14 +156,7 @@ STACK = LlamaArgs(num_layers=4, embed_dim=512, num_heads=8, num_kv_heads=2, inte
 
 
 def make_stack(args: LlamaArgs, seed: int, dtype: mx.Dtype) -> Llama:
-    mx.random.seed(seed)
-    model = Llama(args)
-    model.update(
-        tree_map(
-            lambda p: mx.random.normal(p.shape) * p.shape[-1] ** -0.5 if p.ndim == 2 else 1 + 0.3 * mx.random.normal(p.shape),
-            model.parameters(),
-        )
-    )
+    model = randomized(Llama(args), seed)
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
@@ -221,6 +217,26 @@ def test_stack_kernel_bfloat16_as_close_to_float32_as_mlx_ops(batch):
     stack_err = max(rel_err(g, r) for g, r in zip(run_stack(model16, x16, caches16, 4, "stack")[0], exact))
     print(f"measured stack bf16 B={batch}: MLX ops {mlx_err:.2e}, stack kernel {stack_err:.2e} (vs float32)")
     assert stack_err <= 1.5 * mlx_err + 2**-8
+
+
+@needs_cuda
+def test_stack_kernels_evaluated_together(monkeypatch):
+    """Two independent stack steps in one ``mx.eval`` (MLX may run them at once): each launch has its
+    own barrier counter, so both finish and equal the same steps evaluated one at a time. (A shared
+    counter hung here: run with a timeout.)"""
+    monkeypatch.setattr(fused_stack, "_enabled", True)
+    model = make_stack(STACK, 3, mx.float32)
+    xs = [mx.random.normal((1, 1, STACK.embed_dim)) for _ in range(2)]
+    base = [filled_cache(STACK, 1, 32, 4, mx.float32, seed=i) for i in range(STACK.num_layers)]
+    alone = [run_stack(model, x, base, 1, "stack")[0][0] for x in xs]
+    with fused.fused_kernels(True):
+        together = []
+        for x in xs:
+            caches = [copy_cache(c) for c in base]
+            assert fused_stack.applies(model.layers, 1, mx.float32, caches)
+            together.append(model(x, caches, None, caches[0].offset))
+        mx.eval(*together)
+    assert max(rel_err(t, a) for t, a in zip(together, alone)) == 0.0
 
 
 def test_stack_kernel_routing(monkeypatch):

@@ -23,16 +23,24 @@ the MLX ops round) except the w2 dot products, summed per warp slice then across
 fixed order: results are deterministic, and differ from the per-layer kernels by accumulation order
 only (``tests/test_fused_kernels.py`` on a GPU).
 
-The barrier counters are two words of a buffer per thread that the kernel returns to zero as its last
-block leaves.
+Each launch counts its barriers in a zeroed 16-byte buffer of its own (one tiny fill kernel a step).
+Arrays of 8 bytes or less would land in MLX's managed small-array pool, whose pages the host also
+writes: the first version's 8-byte counter made every barrier wait ~0.5 ms on page migrations.
 
-Status: **on by default** on CUDA (``CSM_FUSED_STACK=0`` turns it off; it is also off for an MPS
-client given ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, whose grid could not all be resident). Measured
-on H200s (bf16, one row, ``benchmarks/bench_kernels.py``'s 30 chained decoder steps, and whole
-compiled frames alternating in one process), two lent machines:
+Status: **opt-in** (``CSM_FUSED_STACK=1``; never taken by an MPS client given
+``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE``, whose grid could not all be resident). Measured on H200s (bf16,
+one row, ``benchmarks/bench_kernels.py``'s 30 chained decoder steps, and whole compiled frames
+alternating in one process), two lent machines, with the first version's shared counter:
 
 * one: 220 µs a step against 249 for the per-layer kernels; frames 11.97 vs 11.88 ms (the same);
 * another, slower per launch: 230 vs 368 µs a step; frames 12.57 vs 17.08 ms (0.74×).
+
+It stays off by default because ``benchmarks/bench_peer.py`` hung with it: its first ``mx.eval``
+takes three independent frames, and two stack kernels ran at once on one counter. The per-launch
+counter fixes that case but has not run on a GPU yet, and a persistent grid can still wait forever
+if two launches running at once each hold only part of the multiprocessors (possible where a block
+needs a whole multiprocessor's registers, 8 rows). Making it safe by default means a barrier that
+cannot wait on an unstarted block (phases whose work units any running block claims).
 
 With the barriers removed (wrong results, timing only) a step took 174 µs on the first machine:
 the 15 barriers cost ~3 µs each, and the phases are still ~3× the weights' streaming time (~60 µs
@@ -44,10 +52,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
-import threading
 
 import mlx.core as mx
-import numpy as np
 
 from . import fused
 from .cache import KVCache
@@ -57,12 +63,12 @@ _WARPS = _THREADS // 32
 #: Most output rows of w2 a block owns (its 8 warps hold rows × batch partial sums).
 _MAX_DOWN_ROWS = 16
 
-#: On unless ``CSM_FUSED_STACK=0`` (then the per-layer kernels of :mod:`.fused` run).
-_enabled = os.environ.get("CSM_FUSED_STACK", "1") != "0"
+#: Off unless ``CSM_FUSED_STACK=1`` (module docstring: two launches at once can wait on each other).
+_enabled = os.environ.get("CSM_FUSED_STACK", "0") == "1"
 
 _STACK_HEADER = r"""
 // Every block of the grid waits here until all have arrived (all resident: one per multiprocessor).
-// count[0] only grows within a launch; `target` is this block's running total.
+// *count starts at zero (a fresh buffer each launch) and only grows; `target` is this block's total.
 __device__ __forceinline__ void grid_sync(unsigned int* count, unsigned int& target) {
   target += gridDim.x;
   __syncthreads();
@@ -73,15 +79,6 @@ __device__ __forceinline__ void grid_sync(unsigned int* count, unsigned int& tar
     __threadfence();
   }
   __syncthreads();
-}
-
-// The last block out returns both counters to zero for the next launch (stream order makes that
-// visible to it); every other block has passed its last barrier by then.
-__device__ __forceinline__ void grid_exit(unsigned int* count) {
-  if (threadIdx.x == 0 && atomicAdd(count + 1, 1u) == gridDim.x - 1) {
-    atomicExch(count, 0u);
-    atomicExch(count + 1, 0u);
-  }
 }
 
 // Rows r0 .. r0 + RB - 1 (< D) of out = W xs + res, W (D, K): the block's warps each take K / NW
@@ -167,7 +164,6 @@ _STACK = r"""
     if (blockIdx.x * RB < D) block_rows<T, B, I, D, RB, NW>(w2[l], blockIdx.x * RB, xs, hbuf, out, red);
     if (l + 1 < NL) grid_sync(count, target);
   }
-  grid_exit(count);
 """
 
 # Per-layer inputs (named with the layer's index), gathered into pointer tables the loop indexes.
@@ -198,16 +194,14 @@ def multiprocessors() -> int:
         return 0
 
 
-_counters = threading.local()
+def _counter() -> mx.array:
+    """A zeroed barrier counter for one launch (16 bytes: past MLX's managed small-array pool).
 
-
-def _sync_buffer() -> mx.array:
-    """This thread's barrier counters: data, not a graph node, so a compiled trace holds it as a constant."""
-    if not hasattr(_counters, "buffer"):
-        # 1 KB, not 8 bytes: MLX keeps arrays of <= 8 bytes in a managed-memory pool whose pages the
-        # host writes too, and every barrier's atomics then waited on page migrations (~0.5 ms each)
-        _counters.buffer = mx.array(np.zeros(256, np.uint32))
-    return _counters.buffer
+    One per launch, not one shared buffer reset by the last block out: two stack kernels MLX runs
+    concurrently (independent graphs evaluated together, as ``mx.eval(frame_a, frame_b)``) then
+    count into separate words; a shared one hung both.
+    """
+    return mx.zeros((4,), mx.uint32)
 
 
 def _down_rows(dim: int, blocks: int) -> int:
@@ -269,7 +263,7 @@ def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.a
         "k_in": [c.keys for c in caches], "v_in": [c.values for c in caches],
     }
     inputs = ["x", "pos", "slot", "periods", "sync"] + [f"{k}{i}" for k in _PER_LAYER_IN for i in range(n)]
-    arrays = [x, pos, slot, attn._periods, _sync_buffer()] + [a for k in _PER_LAYER_IN for a in per_layer[k]]
+    arrays = [x, pos, slot, attn._periods, _counter()] + [a for k in _PER_LAYER_IN for a in per_layer[k]]
     outputs = ["out", "hbuf", "qbuf", "gbuf"] + [f"k_out{i}" for i in range(n)] + [f"v_out{i}" for i in range(n)]
     kv_shape = (B, KV, S, HD)
     shapes = [(B, D), (B, D), (B, H * HD), (B, inter)] + [kv_shape] * (2 * n)
