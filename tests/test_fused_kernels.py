@@ -260,6 +260,11 @@ def test_stack_kernel_routing(monkeypatch):
     model.layers[2].mlp_norm.eps = 1e-6  # one eps is compiled in
     assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
     model.layers[2].mlp_norm.eps = model.layers[0].mlp_norm.eps
+    for layer in model.layers:  # the same in every layer, but two norms' eps in one compiled constant
+        layer.mlp_norm.eps = 1e-6
+    assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
+    for layer in model.layers:
+        layer.mlp_norm.eps = layer.sa_norm.eps
     assert fused_stack.applies(model.layers, 8, mx.bfloat16, caches)
     monkeypatch.setenv("CUDA_MPS_ACTIVE_THREAD_PERCENTAGE", "50")  # part of the multiprocessors: no barrier
     assert not fused_stack.applies(model.layers, 8, mx.bfloat16, caches)

@@ -230,7 +230,7 @@ def applies(layers: list, rows: int, dtype: mx.Dtype, caches: list) -> bool:
         (tuple(layer.attn.qkv_proj.weight.shape), tuple(layer.mlp.w13.weight.shape), layer.sa_norm.eps, layer.mlp_norm.eps)
         for layer in layers
     }
-    if len(shapes) != 1:  # one set of template constants (and one eps) for every layer
+    if len(shapes) != 1 or first.sa_norm.eps != first.mlp_norm.eps:  # one set of constants, one eps, for all
         return False
     attn = first.attn
     dynamic = rows * max(dim, inter, attn.num_heads * attn.head_dim) * dtype.size
