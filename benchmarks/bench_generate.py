@@ -34,6 +34,12 @@ from csm.sampling import TorchCompatibleGenerator
 from csm.prompt import text_rows
 
 
+def doc_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's parser: its docstring's first line as the description, the rest as the epilog."""
+    return argparse.ArgumentParser(description=doc.splitlines()[0], epilog=doc.split("\n\n", 1)[1],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
 def build_csm(dtype: mx.Dtype, args: CSMArgs | None = None) -> CSM:
     """Random weights (CSM-1B unless ``args``) in ``dtype``; the audio head at a trained-like scale."""
     model = CSM(args or CSMArgs.from_flavors("llama-1B", "llama-100M"))

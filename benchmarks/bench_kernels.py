@@ -15,7 +15,6 @@ ops are timed (a check that the script works).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
@@ -33,6 +32,7 @@ from mlx.utils import tree_map  # noqa: E402
 from csm.models import fused, fused_sampler, fused_stack  # noqa: E402
 from csm.models.llama import Llama, LlamaArgs  # noqa: E402
 from csm.sampling import sample_topk  # noqa: E402
+from bench_generate import doc_parser  # noqa: E402
 
 DECODER = dict(D=1024, H=8, KV=2, HD=128, I=8192, S=32)
 BACKBONE = dict(D=2048, H=32, KV=8, HD=64, I=8192, S=2048)
@@ -135,8 +135,7 @@ def stack_steps(rows: int, repeats: int, steps: int = 30) -> dict[str, float]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--rows", type=int, default=1, help="batch rows (the fused path takes up to 8)")
     parser.add_argument("--calls", type=int, default=64, help="calls evaluated together per round")
     parser.add_argument("--copies", type=int, default=16, help="weight copies cycled (more bytes than L2)")

@@ -22,7 +22,6 @@ CPU: ``python benchmarks/bench_mimi.py``; CUDA: ``python benchmarks/bench_mimi.p
 
 from __future__ import annotations
 
-import argparse
 import inspect
 import platform
 import time
@@ -35,6 +34,7 @@ from transformers import MimiConfig, MimiModel
 
 from csm.codec import Mimi, MimiArgs, mimi_from_weights
 from csm.weights.io import torch_to_mlx
+from bench_generate import doc_parser
 
 
 def best_of(fn, repeats: int) -> float:
@@ -157,8 +157,7 @@ def random_mimi(seed: int, tiny: bool) -> Mimi:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--frames", type=int, default=50, help="frames per one-shot decode (80 ms each)")
     parser.add_argument("--stream-frames", type=int, default=25, help="frames streamed one by one")
     parser.add_argument("--repeats", type=int, default=3)

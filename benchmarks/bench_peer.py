@@ -22,7 +22,6 @@ CPU (2 cores): ``python benchmarks/bench_peer.py --size small --dtype float32 --
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -38,6 +37,7 @@ import mlx.core as mx  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bench_csm import PROMPT_LEN, TEMPERATURE, TOPK, prompt  # noqa: E402
+from bench_generate import doc_parser  # noqa: E402
 from random_weights import write_random_checkpoint  # noqa: E402
 
 
@@ -143,8 +143,7 @@ def frame_loops(ours, peer) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--size", choices=["full", "small"], default="full", help="random CSM size (default: full)")
     parser.add_argument("--weights", type=Path, help="checkpoint folder (written if missing; default: a temp dir)")
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16", help="both models' dtype")

@@ -25,7 +25,7 @@ import csm  # noqa: F401  (first: loads an installed BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from bench_generate import build_csm
+from bench_generate import build_csm, doc_parser
 from csm.backend import is_cuda
 from csm.generation.frames import FrameSamplers
 from csm.models.frame_step import Draw
@@ -67,8 +67,7 @@ def summarize(events: list[dict], frames: int, wall: float, top: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n\n", 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = doc_parser(__doc__)
     parser.add_argument("--frames", type=int, default=3, help="frames traced")
     parser.add_argument("--warmup", type=int, default=4, help="frames run before the trace (kernel builds, traces)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
