@@ -237,3 +237,25 @@ def test_compiled_step_attends_the_whole_cache_only_where_the_fused_kernel_serve
                 layer_cache.offset = offset
             spans[fused_serves].append(frame._step_span(cache, 1))
     assert spans == {False: [256, 256, 512, 768], True: [1024] * 4}
+
+
+def test_compiled_frame_on_a_full_cache_raises_as_the_op_by_op_frame_does(model):
+    """A frame past the cache's last position is an error on both paths (the compiled step once
+    clamped its write to the last position and went on), and leaves the offset where it was."""
+    draw = Draw(topk=5, temperature=0.9)
+    tokens, mask = random_prompt(1, 10, seed=1)
+    noise = mx.array(exp_noise(3, 1))
+    caches = model.make_cache(1, max_len=12), model.make_cache(1, max_len=12)
+    sampler = lambda logits, i: sample_topk(logits, 5, 0.9, noise=noise[i])  # noqa: E731
+    codes = [model.generate_frame(mx.array(tokens), mx.array(mask), caches[0], sampler),
+             model.compiled_frame(draw)(mx.array(tokens), mx.array(mask), caches[1], noise)]
+    for _ in range(2):  # positions 10 and 11: the last two
+        codes = [model.generate_frame(*map(mx.array, audio_row(np.array(codes[0]))), caches[0], sampler),
+                 model.compiled_frame(draw)(*map(mx.array, audio_row(np.array(codes[1]))), caches[1], noise)]
+        np.testing.assert_array_equal(np.array(codes[1]), np.array(codes[0]))
+    assert caches[0].offset == caches[1].offset == 12
+    with pytest.raises(ValueError, match="KV cache holds 12 positions"):
+        model.generate_frame(*map(mx.array, audio_row(np.array(codes[0]))), caches[0], sampler)
+    with pytest.raises(ValueError, match="KV cache holds 12 positions"):
+        model.compiled_frame(draw)(*map(mx.array, audio_row(np.array(codes[1]))), caches[1], noise)
+    assert caches[1].offset == 12

@@ -72,13 +72,14 @@ class CompiledFrame:
         if cache.offset == 0 or tokens.shape[1] > 1:  # a prompt: eager backbone, compiled decoder
             last_h = self.model.forward_backbone(tokens, mask, cache)[:, -1]
             return self._decode(last_h, *extra)
+        span = self._step_span(cache, tokens.shape[0])
         offset = fused.step_index(cache.offset)[:1]  # (1,), in a buffer past MLX's small-array pool
-        codes, keys, values = self._compiled_step(self._step_span(cache, tokens.shape[0]))(
-            tokens, mask, offset, cache.start, *cache.backbone_buffers(), *extra
-        )
-        cache.set_backbone_buffers(keys, values)
         for layer_cache in cache.backbone:
-            layer_cache.offset += 1
+            # claimed before the step: a full cache raises here, as the op-by-op step does, where the
+            # compiled slice update would have clamped its write to the last position
+            layer_cache.reserve(1)
+        codes, keys, values = self._compiled_step(span)(tokens, mask, offset, cache.start, *cache.backbone_buffers(), *extra)
+        cache.set_backbone_buffers(keys, values)
         return codes
 
     def _step_span(self, cache: FrameCache, rows: int) -> int:
