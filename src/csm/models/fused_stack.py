@@ -13,15 +13,18 @@ grid of one block per multiprocessor walks the same four phases as those kernels
 4. w2 + residual → the next layer's input, each block owning a few output rows whose dot products
    its 8 warps split along K (loads for the 8,192-wide rows in flight at once, not one after another);
 
-— and waits at a grid-wide barrier between phases. The barrier needs every block resident at
-once: the grid is the GPU's multiprocessor count (read from the driver), one 256-thread block each,
-and :func:`applies` keeps the kernel to shapes whose shared memory fits one block per
-multiprocessor. Data written earlier in the launch is read through L2 (``__ldcg``), never a stale L1.
+— and waits at a grid-wide barrier between phases. A barrier must never wait for a block that
+cannot start until the launch ends (another grid holding the rest of the GPU), so it counts the
+launch's *members*: the blocks already started when the first one closes the launch, which it does
+once all have arrived (a few µs, normally) or after :data:`CLOSE_NS`; later blocks leave at once,
+and the members share out the work. The grid is the GPU's multiprocessor count (read from the
+driver), one 256-thread block each. Data written earlier in the launch is read through L2
+(``__ldcg``), never a stale L1.
 
 The arithmetic is :mod:`.fused`'s (the same device functions, float32 accumulation, rounding where
 the MLX ops round) except the w2 dot products, summed per warp slice then across the 8 warps in a
-fixed order: results are deterministic, and differ from the per-layer kernels by accumulation order
-only (``tests/test_fused_kernels.py`` on a GPU).
+fixed order: results are deterministic whatever the member count, and differ from the per-layer
+kernels by accumulation order only (``tests/test_fused_kernels.py`` on a GPU).
 
 Each launch counts its barriers in a zeroed 16-byte buffer of its own (one tiny fill kernel a step).
 Arrays of 8 bytes or less would land in MLX's managed small-array pool, whose pages the host also
@@ -36,11 +39,11 @@ alternating in one process), two lent machines, with the first version's shared 
 * another, slower per launch: 230 vs 368 µs a step; frames 12.57 vs 17.08 ms (0.74×).
 
 It stays off by default because ``benchmarks/bench_peer.py`` hung with it: its first ``mx.eval``
-takes three independent frames, and two stack kernels ran at once on one counter. The per-launch
-counter fixes that case but has not run on a GPU yet, and a persistent grid can still wait forever
-if two launches running at once each hold only part of the multiprocessors (possible where a block
-needs a whole multiprocessor's registers, 8 rows). Making it safe by default means a barrier that
-cannot wait on an unstarted block (phases whose work units any running block claims).
+takes three independent frames, two stack kernels ran at once on one counter, and each waited for
+blocks the other held. Since then each launch counts in a zeroed buffer of its own and its barriers
+count members only (above): neither change has run on a GPU yet. Once the tests pass there
+(``test_stack_kernels_evaluated_together``, and the float32 test's "closed at once" run on fewer
+blocks) and ``bench_peer.py`` finishes, it can be the default.
 
 With the barriers removed (wrong results, timing only) a step took 174 µs on the first machine:
 the 15 barriers cost ~3 µs each, and the phases are still ~3× the weights' streaming time (~60 µs
@@ -63,14 +66,53 @@ _WARPS = _THREADS // 32
 #: Most output rows of w2 a block owns (its 8 warps hold rows × batch partial sums).
 _MAX_DOWN_ROWS = 16
 
-#: Off unless ``CSM_FUSED_STACK=1`` (module docstring: two launches at once can wait on each other).
+#: Off unless ``CSM_FUSED_STACK=1`` (module docstring: the fix for two launches at once awaits a GPU run).
 _enabled = os.environ.get("CSM_FUSED_STACK", "0") == "1"
 
 _STACK_HEADER = r"""
-// Every block of the grid waits here until all have arrived (all resident: one per multiprocessor).
-// *count starts at zero (a fresh buffer each launch) and only grows; `target` is this block's total.
-__device__ __forceinline__ void grid_sync(unsigned int* count, unsigned int& target) {
-  target += gridDim.x;
+// The launch's membership: the blocks that started before the first one in closed it. That block
+// waits until all gridDim.x have arrived (the usual case, a few µs) or CLOSE_NS have passed, then
+// closes; blocks arriving later leave at once. Barriers count members only: a launch that shares
+// the GPU with another grid (two launches at once, each holding part of the multiprocessors) runs
+// on the blocks it has instead of waiting for ones that cannot start before it ends.
+// words[0]: barrier arrivals, words[1]: blocks in (bit 31 once closed), words[2]: members.
+constexpr unsigned int CLOSED = 1u << 31;
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// Sets this block's member index and the member count; false for a block that arrived too late.
+__device__ bool join(unsigned int* words, int close_ns, int& member, int& members) {
+  __shared__ int shared_member, shared_members;
+  if (threadIdx.x == 0) {
+    const unsigned int ticket = atomicAdd(words + 1, 1u);
+    if (ticket >= CLOSED) {
+      shared_member = -1;
+    } else {
+      if (ticket == 0) {
+        const unsigned long long start = global_ns();
+        while (*reinterpret_cast<volatile unsigned int*>(words + 1) < gridDim.x && global_ns() - start < close_ns) {}
+        atomicExch(words + 2, atomicOr(words + 1, CLOSED));  // every block in before the close is a member
+      }
+      unsigned int count;
+      while ((count = *reinterpret_cast<volatile unsigned int*>(words + 2)) == 0) {}
+      shared_member = static_cast<int>(ticket);
+      shared_members = static_cast<int>(count);
+    }
+  }
+  __syncthreads();
+  member = shared_member;
+  members = shared_members;
+  return member >= 0;
+}
+
+// Every member waits here until all members have arrived. *count starts at zero (a fresh buffer
+// each launch) and only grows; `target` is this block's running total.
+__device__ __forceinline__ void grid_sync(unsigned int* count, unsigned int& target, int members) {
+  target += members;
   __syncthreads();
   if (threadIdx.x == 0) {
     __threadfence();
@@ -134,35 +176,37 @@ _STACK = r"""
   __shared__ float inv_rms[B];
   __shared__ float red[NW][RB][B];
   constexpr int N = (H + 2 * KV) * HD;
-  const int gw = blockIdx.x * NW + threadIdx.x / 32, GW = gridDim.x * NW;  // this warp, all warps
+  unsigned int* words = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
+  int member, members;
+  if (!join(words, CLOSE_NS, member, members)) return;  // arrived after the launch closed: no work
+  const int gw = member * NW + threadIdx.x / 32, GW = members * NW;  // this warp, all the members' warps
   const int s = slot[0];
-  unsigned int* count = const_cast<unsigned int*>(reinterpret_cast<const unsigned int*>(sync));
   unsigned int target = 0;
 /*LAYERS*/
   for (int l = 0; l < NL; ++l) {
     const T* xin = l == 0 ? x : out;
     // 1. RMSNorm -> q, k, v -> RoPE; k, v into the cache copy at s
     stage_rows<T, B, D, true, true>(xin, sa[l], EPS, xs, inv_rms);
-    copy_cache_except<T, B, KV, S, HD>(k_in[l], v_in[l], k_out[l], v_out[l], s, blockIdx.x * blockDim.x + threadIdx.x,
-                                       gridDim.x * blockDim.x);
+    copy_cache_except<T, B, KV, S, HD>(k_in[l], v_in[l], k_out[l], v_out[l], s, member * blockDim.x + threadIdx.x,
+                                       members * blockDim.x);
     for (int pair = gw; pair < N / 2; pair += GW)
       qkv_rope_pair<T, B, D, H, KV, HD, S>(wqkv[l], pair, xs, periods, pos, s, qbuf, k_out[l], v_out[l]);
-    grid_sync(count, target);
-    // 2. attention over 0..s (every block), output projection + residual -> h
+    grid_sync(words, target, members);
+    // 2. attention over 0..s (every member), output projection + residual -> h
     attend_heads<T, B, H, KV, HD, S, true>(qbuf, k_out[l], v_out[l], s + 1, xs);
     for (int row = gw; row < D; row += GW) out_row<T, B, H * HD, D, true>(wo[l], row, xs, xin, hbuf);
-    grid_sync(count, target);
+    grid_sync(words, target, members);
     // 3. RMSNorm(h) -> silu(w1 .) * (w3 .)
     stage_rows<T, B, D, true, true>(hbuf, mn[l], EPS, xs, inv_rms);
     for (int j = gw; j < I; j += 2 * GW) {  // two columns a warp at a time: twice the loads in flight
       const int cols[2] = {j, j + GW < I ? j + GW : -1};
       gate_up_cols<T, B, D, I, 2>(w13[l], cols, xs, gbuf);
     }
-    grid_sync(count, target);
-    // 4. w2 + residual -> the next layer's input
+    grid_sync(words, target, members);
+    // 4. w2 + residual -> the next layer's input: RB rows a member (more rounds with fewer members)
     stage_rows<T, B, I, false, true>(gbuf, gbuf, 0.f, xs, nullptr);
-    if (blockIdx.x * RB < D) block_rows<T, B, I, D, RB, NW>(w2[l], blockIdx.x * RB, xs, hbuf, out, red);
-    if (l + 1 < NL) grid_sync(count, target);
+    for (int r0 = member * RB; r0 < D; r0 += members * RB) block_rows<T, B, I, D, RB, NW>(w2[l], r0, xs, hbuf, out, red);
+    if (l + 1 < NL) grid_sync(words, target, members);
   }
 """
 
@@ -238,6 +282,11 @@ def applies(layers: list, rows: int, dtype: mx.Dtype, caches: list) -> bool:
     return dynamic + static <= fused._device_shared_limit() + 1024
 
 
+#: How long the first block of a launch waits for the others before running with those it has (ns).
+#: 0 runs with whichever blocks are in at once: the tests' way to run on fewer blocks (same results).
+CLOSE_NS = 50_000
+
+
 def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.array) -> mx.array:
     """Run one row per batch entry, ``x`` (B, D), through every layer; returns the last layer's output (B, D).
 
@@ -272,7 +321,7 @@ def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.a
     launch = fused.kernel(f"csm_stack{n}", tuple(inputs), tuple(outputs), source, B * max(D, inter, H * HD) * x.dtype.size,
                           fused.HEADER + _STACK_HEADER)
     template = [("T", x.dtype), ("B", B), ("D", D), ("H", H), ("KV", KV), ("HD", HD), ("S", S), ("I", inter), ("NL", n),
-                ("NW", _WARPS), ("RB", rb)]
+                ("NW", _WARPS), ("RB", rb), ("CLOSE_NS", CLOSE_NS)]
     results = launch(
         inputs=arrays, template=template, grid=(blocks * _THREADS, 1, 1), threadgroup=(_THREADS, 1, 1),
         output_shapes=shapes, output_dtypes=[x.dtype] * len(shapes),
