@@ -15,7 +15,9 @@ same step is 4 kernels, each a matrix-vector product with its neighbours folded 
 The backbone step (long cache) keeps MLX's two cache writes and uses kernel 1 without the cache,
 ``attend_masked`` (attention over the cache positions its boolean mask lets through; MLX's CUDA SDPA
 has no decode kernel that takes an array mask), kernel 4 for the output projection, then 3 and 4:
-7 kernels a layer instead of 11. The sampler has its own kernel (:mod:`.fused_sampler`).
+7 kernels a layer instead of 11. The sampler has its own kernel (:mod:`.fused_sampler`), and the
+depth decoder's whole step can run as one launch (:mod:`.fused_stack`, opt-in) built from the same
+device functions (``HEADER``).
 
 Every kernel rounds where the MLX ops round (matmul outputs, the normalised input, SiLU) and
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
