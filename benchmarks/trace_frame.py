@@ -13,7 +13,6 @@ Run: ``python benchmarks/trace_frame.py [--frames 3] [--top 25] [--trace frame.j
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import sys
