@@ -249,6 +249,26 @@ def test_stack_kernels_evaluated_together(monkeypatch):
     assert max(rel_err(t, a) for t, a in zip(together, alone)) == 0.0
 
 
+def test_stack_counters_stay_apart_in_a_trace(tmp_path):
+    """Each stack launch's barrier counters are a node of their own in a compiled trace (the kernel
+    writes them): 30 ``mx.zeros((4,))`` were merged by ``mx.compile`` into one buffer."""
+    import re
+
+    def steps(x):
+        for _ in range(5):
+            counter = fused_stack._counter(x)
+            assert counter.shape == (4,) and counter.dtype == mx.uint32
+            x = x * 2 + counter[:1].astype(x.dtype)  # stands in for the kernel: takes x and its counter
+        return x
+
+    x = mx.random.normal((1, 64)).astype(mx.bfloat16)
+    out = mx.compile(steps)(x)
+    mx.export_to_dot(str(tmp_path / "g.dot"), out)
+    nodes = re.findall(r'label ="([^"]+)"', (tmp_path / "g.dot").read_text())
+    assert sum("BitwiseAnd" in n or n == "Full" for n in nodes) == 5, nodes
+    np.testing.assert_array_equal(np.array(out.astype(mx.float32)), np.array((x * 32).astype(mx.float32)))
+
+
 def test_stack_kernel_routing(monkeypatch):
     """Where the stack kernel is taken: CUDA (stood in here), short caches, every layer fused, a
     multiprocessor count read, one eps, no MPS share limit, not turned off; else the per-layer path."""

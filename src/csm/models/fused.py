@@ -118,7 +118,16 @@ template <bool CG, typename T> __device__ __forceinline__ Pack<T> load16(const T
   }
 }
 template <bool CG, typename T> __device__ __forceinline__ T load1(const T* p) {
-  if constexpr (CG) return __ldcg(p); else return *p;
+  if constexpr (CG && sizeof(T) == 2) {
+    // through the unsigned short overload: the bf16/half ones are asm without volatile or a memory
+    // clobber, which the compiler may move across a grid barrier
+    const unsigned short bits = __ldcg(reinterpret_cast<const unsigned short*>(p));
+    return *reinterpret_cast<const T*>(&bits);
+  } else if constexpr (CG) {
+    return __ldcg(p);
+  } else {
+    return *p;
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

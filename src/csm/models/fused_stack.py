@@ -26,7 +26,8 @@ the MLX ops round) except the w2 dot products, summed per warp slice then across
 fixed order: results are deterministic whatever the member count, and differ from the per-layer
 kernels by accumulation order only (``tests/test_fused_kernels.py`` on a GPU).
 
-Each launch counts its barriers in a zeroed 16-byte buffer of its own (one tiny fill kernel a step).
+Each launch counts its barriers in a zeroed 16-byte buffer of its own, computed from its input (one
+tiny kernel a step; :func:`_counter` says why from the input).
 Arrays of 8 bytes or less would land in MLX's managed small-array pool, whose pages the host also
 writes: the first version's 8-byte counter made every barrier wait ~0.5 ms on page migrations.
 
@@ -163,7 +164,7 @@ __device__ void block_rows(const T* __restrict__ w, int r0, const T* xs, const T
     if (row < D) {
       float sum = 0.f;
       for (int k = 0; k < NW; ++k) sum += red[k][r][b];
-      out[b * D + row] = to<T>(sum + f32<T>(__ldcg(res + b * D + row)));
+      out[b * D + row] = to<T>(sum + f32<T>(load1<true>(res + b * D + row)));
     }
   }
   __syncthreads();
@@ -238,14 +239,16 @@ def multiprocessors() -> int:
         return 0
 
 
-def _counter() -> mx.array:
-    """A zeroed barrier counter for one launch (16 bytes: past MLX's managed small-array pool).
+def _counter(x: mx.array) -> mx.array:
+    """Zeroed barrier counters (4 × uint32, 16 bytes: past MLX's managed small-array pool) for the launch on ``x``.
 
-    One per launch, not one shared buffer reset by the last block out: two stack kernels MLX runs
-    concurrently (independent graphs evaluated together, as ``mx.eval(frame_a, frame_b)``) then
-    count into separate words; a shared one hung both.
+    Computed from the launch's own input so that no two launches share them: ``mx.compile`` merges
+    identical nodes, and a frame's 30 ``mx.zeros((4,))`` became one buffer, which every launch after
+    the first would have found closed (``tests/test_fused_kernels.py::test_stack_counters_stay_apart_in_a_trace``).
+    One buffer per launch, not one shared buffer reset by the last block out: two launches MLX runs at
+    once (independent graphs evaluated together) must not count into the same words.
     """
-    return mx.zeros((4,), mx.uint32)
+    return x.reshape(-1)[: 16 // x.dtype.size].view(mx.uint32) & 0
 
 
 def _down_rows(dim: int, blocks: int) -> int:
@@ -312,7 +315,7 @@ def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.a
         "k_in": [c.keys for c in caches], "v_in": [c.values for c in caches],
     }
     inputs = ["x", "pos", "slot", "periods", "sync"] + [f"{k}{i}" for k in _PER_LAYER_IN for i in range(n)]
-    arrays = [x, pos, slot, attn._periods, _counter()] + [a for k in _PER_LAYER_IN for a in per_layer[k]]
+    arrays = [x, pos, slot, attn._periods, _counter(x)] + [a for k in _PER_LAYER_IN for a in per_layer[k]]
     outputs = ["out", "hbuf", "qbuf", "gbuf"] + [f"k_out{i}" for i in range(n)] + [f"v_out{i}" for i in range(n)]
     kv_shape = (B, KV, S, HD)
     shapes = [(B, D), (B, D), (B, H * HD), (B, inter)] + [kv_shape] * (2 * n)
