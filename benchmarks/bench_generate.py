@@ -28,8 +28,9 @@ import numpy as np
 from csm.backend import default_dtype
 from csm.codec import Mimi, MimiArgs
 from csm.config import FRAME_MS, FRAME_WIDTH, NUM_CODEBOOKS
-from csm.generation.frames import FrameSamplers, generate_frames
+from csm.generation.frames import FrameSamplers, generate_frames, next_frame_rows
 from csm.models import CSM, CSMArgs
+from csm.models.frame_step import Draw
 from csm.sampling import TorchCompatibleGenerator
 from csm.prompt import text_rows
 
@@ -47,6 +48,26 @@ def build_csm(dtype: mx.Dtype, args: CSMArgs | None = None) -> CSM:
     model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
+
+
+def steady_frames(model: CSM, prompt_rows: int = 200):
+    """After a ``prompt_rows``-row text prompt, a callable that runs (and evaluates) one more compiled
+    frame, batch 1, top-k 50 at 0.9: the loop generation runs, for profilers to watch."""
+    draw = Draw(topk=50, temperature=0.9)
+    frame, samplers = model.compiled_frame(draw), FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
+    vocab, cache = model.args.audio_vocab_size, model.make_cache(1)
+    tokens, mask = text_rows(np.random.default_rng(0).integers(0, model.args.text_vocab_size, prompt_rows).tolist())
+    rows = (mx.array(tokens)[None], mx.array(mask)[None])
+
+    def next_frame() -> mx.array:
+        nonlocal rows
+        codes = frame(*rows, cache, samplers.frame_noise(1, vocab, frame.noise_dtype()))
+        mx.eval(codes)
+        rows = next_frame_rows(codes)
+        return codes
+
+    next_frame()  # the prompt's frame
+    return next_frame
 
 
 def build_mimi() -> Mimi:

@@ -36,24 +36,12 @@ def run_frames(frames: int) -> None:
     """The steady frame loop the profiler watches (no timing of its own)."""
     import csm  # noqa: F401  (first: loads an installed BLAS before mlx.core)
     import mlx.core as mx
-    import numpy as np
 
-    from bench_generate import build_csm
-    from csm.generation.frames import FrameSamplers, next_frame_rows
-    from csm.models.frame_step import Draw
-    from csm.prompt import text_rows
+    from bench_generate import build_csm, steady_frames
 
-    model = build_csm(mx.bfloat16)
-    draw = Draw(topk=50, temperature=0.9)
-    frame, samplers = model.compiled_frame(draw), FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
-    vocab = model.args.audio_vocab_size
-    tokens, mask = text_rows(np.random.default_rng(0).integers(0, model.args.text_vocab_size, 200).tolist())
-    rows = (mx.array(tokens)[None], mx.array(mask)[None])
-    cache = model.make_cache(1)
-    for _ in range(frames + 1):
-        codes = frame(*rows, cache, samplers.frame_noise(1, vocab, frame.noise_dtype()))
-        mx.eval(codes)
-        rows = next_frame_rows(codes)
+    next_frame = steady_frames(build_csm(mx.bfloat16))
+    for _ in range(frames):
+        next_frame()
 
 
 def summarize(path: Path, top: int) -> list[tuple[str, int, float]]:

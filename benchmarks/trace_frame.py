@@ -24,11 +24,8 @@ import csm  # noqa: F401  (first: loads an installed BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from bench_generate import build_csm, doc_parser
+from bench_generate import build_csm, doc_parser, steady_frames
 from csm.backend import is_cuda
-from csm.generation.frames import FrameSamplers
-from csm.models.frame_step import Draw
-from csm.prompt import text_rows
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
 
@@ -83,22 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.zeros(1, device="cuda")  # PyTorch's CUDA context first: the profiler attaches to it
 
-    model = build_csm(mx.bfloat16)
-    vocab = model.args.audio_vocab_size
-    samplers = FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
-    frame = model.compiled_frame(Draw(topk=50, temperature=0.9))
-    cache = model.make_cache(1)
-    tokens, mask = text_rows(np.random.default_rng(0).integers(0, model.args.text_vocab_size, 200).tolist())
-    codes = frame(mx.array(tokens)[None], mx.array(mask)[None], cache, samplers.frame_noise(1, vocab, frame.noise_dtype()))
-    mx.eval(codes)
-    row_mask = mx.array(np.r_[np.ones(32, bool), False][None, None])
-
-    def next_frame() -> None:
-        nonlocal codes
-        rows = mx.concatenate([codes.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
-        codes = frame(rows, row_mask, cache, samplers.frame_noise(1, vocab, frame.noise_dtype()))
-        mx.eval(codes)
-
+    next_frame = steady_frames(build_csm(mx.bfloat16))
     for _ in range(args.warmup):
         next_frame()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
