@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
+from .fused import step_index
+
 
 class KVCache:
     """Fixed-size key/value buffers of one attention layer, filled by slice assignment.
@@ -109,6 +111,15 @@ class FrameCache:
     def offset(self) -> int:
         """Backbone positions filled so far (prompt + generated frames, padding included)."""
         return self.backbone[0].offset
+
+    def reserve(self, length: int) -> mx.array:
+        """Claim the next ``length`` backbone positions in every layer (a full cache raises before
+        anything is written); returns the first one as a (1,) int32 device array, the write position
+        of :meth:`CSM.backbone_rows` (padded past MLX's small-array pool: :func:`.fused.step_index`)."""
+        start = self.offset
+        for cache in self.backbone:
+            cache.reserve(length)
+        return step_index(start)[:1]
 
     def backbone_buffers(self) -> tuple[list[mx.array], list[mx.array]]:
         """Every backbone layer's key and value buffers (the inputs of a step that writes them anew)."""

@@ -149,12 +149,10 @@ class CSM(nn.Module):
         layers = cache.backbone
         rows = padded_rows(length, layers[0].max_len - offset)
         keys_span = span(offset + rows, layers[0].max_len) if prefill_bucket() else offset + rows
-        for layer_cache in layers:
-            layer_cache.reserve(length)  # raises when the rows do not fit; padded rows stay past the offset
+        where = cache.reserve(length)  # raises when the rows do not fit; padded rows stay past the offset
         if rows > length:
             pad = ((0, 0), (0, rows - length), (0, 0))
             tokens, mask = mx.pad(tokens, pad), mx.pad(mask, pad)
-        where = mx.array([offset], dtype=mx.int32)
         h, keys, values = self.backbone_rows(tokens, mask, where, cache.start, *cache.backbone_buffers(), span=keys_span)
         cache.set_backbone_buffers(keys, values)
         return h[:, :length]

@@ -73,11 +73,9 @@ class CompiledFrame:
             last_h = self.model.forward_backbone(tokens, mask, cache)[:, -1]
             return self._decode(last_h, *extra)
         span = self._step_span(cache, tokens.shape[0])
-        offset = fused.step_index(cache.offset)[:1]  # (1,), in a buffer past MLX's small-array pool
-        for layer_cache in cache.backbone:
-            # claimed before the step: a full cache raises here, as the op-by-op step does, where the
-            # compiled slice update would have clamped its write to the last position
-            layer_cache.reserve(1)
+        # claimed before the step: a full cache raises here, as the op-by-op step does, where the
+        # compiled slice update would have clamped its write to the last position
+        offset = cache.reserve(1)
         codes, keys, values = self._compiled_step(span)(tokens, mask, offset, cache.start, *cache.backbone_buffers(), *extra)
         cache.set_backbone_buffers(keys, values)
         return codes
