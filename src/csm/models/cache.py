@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .fused import step_index
+from .fused import device_scalar
 
 
 class KVCache:
@@ -115,11 +115,11 @@ class FrameCache:
     def reserve(self, length: int) -> mx.array:
         """Claim the next ``length`` backbone positions in every layer (a full cache raises before
         anything is written); returns the first one as a (1,) int32 device array, the write position
-        of :meth:`CSM.backbone_rows` (padded past MLX's small-array pool: :func:`.fused.step_index`)."""
+        of :meth:`CSM.backbone_rows` (padded past MLX's small-array pool: :func:`.fused.device_scalar`)."""
         start = self.offset
         for cache in self.backbone:
             cache.reserve(length)
-        return step_index(start)[:1]
+        return device_scalar(start)[:1]
 
     def backbone_buffers(self) -> tuple[list[mx.array], list[mx.array]]:
         """Every backbone layer's key and value buffers (the inputs of a step that writes them anew)."""

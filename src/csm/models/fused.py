@@ -480,17 +480,18 @@ def _launch(
 #: MLX's CUDA allocator serves arrays of 8 bytes or less from one managed-memory pool whose pages
 #: also hold every small array the host writes (each step's scalars): a kernel reading one can wait
 #: on a page migration (an H200 trace: the kernels reading a 4-byte slot took 10-30 µs, their
-#: neighbours a steady 8-13). Index arrays the kernels read are padded past that size.
+#: neighbours a steady 8-13). Scalars and index arrays the kernels read are padded past that size.
 _PADDED = 4
 
 
-def step_index(value: int) -> mx.array:
-    """``value`` as an int32 array the kernels read at ``[0]``, padded out of MLX's small-array pool."""
-    return mx.array([value] + [0] * (_PADDED - 1), dtype=mx.int32)
+def device_scalar(value: int | float, dtype: mx.Dtype = mx.int32) -> mx.array:
+    """``value`` as an array the kernels read at ``[0]`` (a slot, a position, a sampling option),
+    padded out of MLX's small-array pool."""
+    return mx.array([value] + [0] * (_PADDED - 1), dtype=dtype)
 
 
 def row_positions(positions: int | mx.array, rows: int) -> mx.array:
-    """Each row's RoPE position, int32; an int is written into at least 4 entries (see :func:`step_index`)."""
+    """Each row's RoPE position, int32; an int is written into at least 4 entries (see :func:`device_scalar`)."""
     if isinstance(positions, int):
         return mx.full((max(rows, _PADDED),), positions, dtype=mx.int32)
     return mx.broadcast_to(positions.astype(mx.int32).reshape(-1), (rows,))
@@ -515,14 +516,14 @@ def norm_qkv_rope(
 ) -> tuple[mx.array, mx.array, mx.array]:
     """RMSNorm(x) @ qkv^T, RoPE'd at ``pos`` (B,) int32: q (B, H, hd), and k, v.
 
-    With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` (int32, read at [0]: :func:`step_index`) of
+    With ``cache`` (keys, values: (B, KV, S, hd)) k and v are written at ``slot`` (int32, read at [0]: :func:`device_scalar`) of
     copies of the cache, returned in their place; without, k and v are (B, KV, 1, hd).
     """
     B, D = x.shape
     copy = cache is not None
     S = cache[0].shape[2] if copy else 1
     if not copy:
-        slot = step_index(0)
+        slot = device_scalar(0)
     inputs = ["x", "scale", "w", "periods", "pos", "slot"] + (["k_in", "v_in"] if copy else [])
     arrays = [x, scale, w, periods, pos, slot] + (list(cache) if copy else [])
     kv_shape = (B, kv_heads, S, head_dim)

@@ -185,8 +185,8 @@ def sample_race(logits: mx.array, noise: mx.array, topk: int, temperature: float
     B, V = logits.shape
     launch = fused.kernel("csm_sample_race", ("logits", "q", "params", "topk"), ("token",), _SOURCE, 0, _HEADER)
     # Temperature and k are inputs, not template constants: new values need no new kernel build.
-    params = mx.array([temperature], dtype=mx.float32)
-    k = mx.array([min(int(topk), V)], dtype=mx.int32)
+    params = fused.device_scalar(temperature, mx.float32)
+    k = fused.device_scalar(min(int(topk), V))
     (token,) = launch(
         inputs=[logits, noise, params, k], template=[("T", logits.dtype), ("V", V), ("NT", THREADS), ("SAFETY", bool(safety))],
         grid=(B * THREADS, 1, 1), threadgroup=(THREADS, 1, 1), output_shapes=[(B, 1)], output_dtypes=[mx.int32],

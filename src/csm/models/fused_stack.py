@@ -305,7 +305,7 @@ def step(x: mx.array, layers: list, caches: list[KVCache], positions: int | mx.a
     slots = {c.reserve(1) for c in caches}
     if len(slots) != 1:
         raise ValueError(f"the stack's caches are at different positions: {sorted(slots)}")
-    slot, pos = fused.step_index(slots.pop()), fused.row_positions(positions, B)
+    slot, pos = fused.device_scalar(slots.pop()), fused.row_positions(positions, B)
     blocks = multiprocessors()
     n = len(layers)
     per_layer = {

@@ -354,7 +354,7 @@ class TransformerLayer(nn.Module):
         qkv = (self.sa_norm.scale, self.sa_norm.eps, attn.qkv_proj.weight, attn._periods, pos)
         heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
         if type(cache) is KVCache and cache.max_len <= fused.MAX_ATTEND:
-            slot = fused.step_index(cache.reserve(1))
+            slot = fused.device_scalar(cache.reserve(1))
             q, cache.keys, cache.values = fused.norm_qkv_rope(
                 rows, *qkv, *heads, cache=(cache.keys, cache.values), slot=slot
             )
