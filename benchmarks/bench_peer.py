@@ -88,7 +88,7 @@ def frame_loops(ours, peer) -> dict:
     """
     from mlx_audio.lm.sample_utils import make_sampler
 
-    from csm.generation.frames import FrameSamplers
+    from csm.generation.frames import FrameSamplers, next_frame_rows
     from csm.models import fused
     from csm.models.frame_step import CompiledFrame
     from csm.sampling import sample_topk
@@ -123,12 +123,12 @@ def frame_loops(ours, peer) -> dict:
     mx.eval(*state.values())
     position = [PROMPT_LEN]
 
-    def row(codes):
+    def row(codes):  # mlx-audio's own feedback row, as its generate loop builds it
         return mx.concatenate([codes.astype(mx.int32), mx.zeros((1, 1), mx.int32)], axis=1)[:, None]
 
     def our_loop(name):
         def next_frame():
-            state[name] = sides[name]((row(state[name]), row_mask), caches[name])
+            state[name] = sides[name](next_frame_rows(state[name]), caches[name])
             mx.eval(state[name])
 
         return next_frame

@@ -11,7 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from csm.generation.frames import FrameSamplers, generate_frames
+from csm.generation.frames import FrameSamplers, generate_frames, next_frame_rows
 from csm.sampling import TorchCompatibleGenerator
 
 
@@ -64,3 +64,14 @@ def test_single_row_stops_at_the_end_frame_and_the_cap(kind):
     np.testing.assert_array_equal(np.concatenate(got), np.concatenate([frame(1), frame(2)]))  # end frame not yielded
     capped = list(generate_frames(ScriptedModel([frame(4)] * 10), tokens[0], mask[0], samplers(kind), max_frames=3))
     assert len(capped) == 3 and all((c == 4).all() for c in capped)
+
+
+def test_next_frame_rows_feeds_the_codes_back_as_an_audio_row():
+    """(B, 32) codes -> (B, 1, 33) tokens (the codes, then the text column's 0) and mask (audio only)."""
+    codes = mx.array(np.arange(64).reshape(2, 32) + 5, dtype=mx.uint32)
+    for _ in range(2):  # the second call replays the compiled trace
+        tokens, mask = next_frame_rows(codes)
+        assert tokens.dtype == mx.int32 and tokens.shape == (2, 1, 33) and mask.shape == (2, 1, 33)
+        np.testing.assert_array_equal(np.array(tokens)[:, 0], np.c_[np.array(codes), np.zeros(2)])
+        np.testing.assert_array_equal(np.array(mask)[:, 0], np.tile(np.r_[np.ones(32, bool), False], (2, 1)))
+        codes = codes + 1

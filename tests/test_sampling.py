@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from csm.sampling import TORCH_EPSILON, TorchCompatibleGenerator, sample_topk
+from csm.sampling import TORCH_EPSILON, TorchCompatibleGenerator, exponential_noise, sample_topk, split_noise
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)
@@ -295,3 +295,16 @@ def test_sampler_traces_without_host_reads(source, temperature):
 
     for eager, traced in zip(sample(logits), mx.compile(sample)(logits)):
         np.testing.assert_array_equal(np.array(traced), np.array(eager))
+
+
+def test_split_noise_is_the_eager_split_then_draw():
+    """The compiled per-frame draw is ``mx.random.split`` then :func:`exponential_noise`, bit for bit,
+    in each dtype, and chains: each call carries on with the key the eager split would."""
+    key = eager_key = mx.random.key(7)
+    shape = (32, 2, 2051)
+    for dtype in (mx.float32, mx.bfloat16, mx.float32):
+        key, noise = split_noise(key, shape, dtype)
+        eager_key, draw_key = mx.random.split(eager_key)
+        assert noise.dtype == dtype and noise.shape == shape
+        assert mx.array_equal(key, eager_key).item()
+        assert mx.array_equal(noise, exponential_noise(shape, draw_key).astype(dtype)).item()

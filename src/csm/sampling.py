@@ -15,6 +15,7 @@ that replays torch's CPU stream (then the tokens equal the PyTorch reference's f
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache, partial
 from typing import Literal
 
 import mlx.core as mx
@@ -75,6 +76,28 @@ def exponential_noise(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
     """Exp(1) noise from MLX's PRNG; clamped above 0 so a zero draw cannot make ``0 / 0``."""
     u = mx.random.uniform(shape=shape, key=key)
     return mx.maximum(-mx.log1p(-u), mx.array(np.finfo(np.float32).tiny, mx.float32))
+
+
+def _split_noise(key: mx.array, *, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    key, draw_key = mx.random.split(key)
+    return key, exponential_noise(shape, draw_key).astype(dtype)
+
+
+@lru_cache(maxsize=32)
+def _compiled_split_noise(shape: tuple[int, ...], dtype: mx.Dtype) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
+    return mx.compile(partial(_split_noise, shape=shape, dtype=dtype))
+
+
+def split_noise(key: mx.array, shape: tuple[int, ...], dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+    """Split ``key`` once: the key to carry on, and ``Exp(1)`` noise of ``shape`` from the other half.
+
+    Compiled, so a generation loop drawing it every frame writes no host scalars: the uniform's
+    bounds and the clamp are constants of the trace. On CUDA, MLX keeps small host-written arrays
+    in managed memory, and the next kernels to touch those pages waited on their migration
+    (1–3 ms of a 12 ms frame on an H200, ``.baseline`` traces in the stop-19 note). The draws are
+    those of :func:`exponential_noise` after ``mx.random.split``, bit for bit.
+    """
+    return _compiled_split_noise(tuple(shape), dtype)(key)
 
 
 def _exclude_safety(scores: mx.array) -> mx.array:

@@ -19,7 +19,7 @@ from ..config import FRAME_WIDTH, NUM_CODEBOOKS
 from ..models import Sampler
 from ..models.frame_step import Draw
 from ..prompt import audio_rows
-from ..sampling import TorchCompatibleGenerator, exponential_noise, sample_topk
+from ..sampling import TorchCompatibleGenerator, sample_topk, split_noise
 
 
 class FrameSamplers:
@@ -76,8 +76,8 @@ class FrameSamplers:
         shape = (batch, vocab)
         if self._generator is not None:
             return mx.stack([self._generator.exponential(shape, dtype) for _ in range(NUM_CODEBOOKS)])
-        self._key, frame_key = mx.random.split(self._key)
-        return exponential_noise((NUM_CODEBOOKS, *shape), frame_key).astype(dtype)
+        self._key, noise = split_noise(self._key, (NUM_CODEBOOKS, *shape), dtype)
+        return noise
 
     def next_frame(self) -> Sampler:
         """The sampler for the next frame (call once per frame, in order)."""
@@ -97,12 +97,21 @@ class FrameSamplers:
         return sampler
 
 
-def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
-    """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask."""
+def _frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     batch = codes.shape[0]
     tokens = mx.concatenate([codes.astype(mx.int32), mx.zeros((batch, 1), mx.int32)], axis=1)
     mask = mx.concatenate([mx.ones((batch, NUM_CODEBOOKS), mx.bool_), mx.zeros((batch, 1), mx.bool_)], axis=1)
     return tokens[:, None, :], mask[:, None, :]
+
+
+# compiled: the zeros and ones are constants of the trace, not scalars the host writes every frame
+# (see csm.sampling.split_noise for why that matters on CUDA)
+_compiled_frame_rows = mx.compile(_frame_rows)
+
+
+def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
+    """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask."""
+    return _compiled_frame_rows(codes)
 
 
 class PromptCache:

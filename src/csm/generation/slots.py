@@ -19,7 +19,7 @@ from ..config import NUM_CODEBOOKS
 from ..models import Sampler
 from ..models.cache import KVCache
 from ..models.frame_step import Draw
-from ..sampling import exponential_noise, sample_topk
+from ..sampling import sample_topk, split_noise
 
 
 def place_prompt(shared: Sequence[KVCache], solo: Sequence[KVCache], row: int, length: int) -> None:
@@ -34,22 +34,14 @@ def shift_rows(caches: Sequence[KVCache], low: int, delta: int) -> None:
         cache.shift(low, delta)
 
 
-def _frame_noise(key: mx.array, vocab: int) -> tuple[mx.array, mx.array]:
-    """One frame of one row, as :class:`csm.generation.frames.FrameSamplers` draws it for a batch of 1.
-
-    Returns the next key and Exp(1) noise ``(32, 1, vocab)`` (one ``(1, vocab)`` draw per codebook).
-    """
-    key, frame_key = mx.random.split(key)
-    return key, exponential_noise((NUM_CODEBOOKS, 1, vocab), frame_key)
-
-
 def row_noise(keys: mx.array, vocab: int) -> tuple[mx.array, mx.array]:
     """Per-row frame noise from per-row keys ``(B, 2)``: next keys ``(B, 2)`` and noise ``(B, 32, vocab)``.
 
     Row ``r``'s noise depends on ``keys[r]`` only, and equals what a solo run seeded with the same
     key draws (``mx.vmap`` of the same calls; checked bit for bit in the tests).
     """
-    keys, noise = mx.vmap(lambda k: _frame_noise(k, vocab))(keys)
+    # one frame of one row, as csm.generation.frames.FrameSamplers draws it for a batch of 1
+    keys, noise = mx.vmap(lambda k: split_noise(k, (NUM_CODEBOOKS, 1, vocab)))(keys)
     return keys, noise[:, :, 0, :]
 
 

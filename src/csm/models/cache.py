@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from .fused import device_scalar
+from .fused import device_position
 
 
 class KVCache:
@@ -115,11 +115,11 @@ class FrameCache:
     def reserve(self, length: int) -> mx.array:
         """Claim the next ``length`` backbone positions in every layer (a full cache raises before
         anything is written); returns the first one as a (1,) int32 device array, the write position
-        of :meth:`CSM.backbone_rows` (padded past MLX's small-array pool: :func:`.fused.device_scalar`)."""
+        of :meth:`CSM.backbone_rows`, made on the device (:func:`.fused.device_position`)."""
         start = self.offset
         for cache in self.backbone:
             cache.reserve(length)
-        return device_scalar(start)[:1]
+        return device_position(start)
 
     def backbone_buffers(self) -> tuple[list[mx.array], list[mx.array]]:
         """Every backbone layer's key and value buffers (the inputs of a step that writes them anew)."""

@@ -486,8 +486,20 @@ _PADDED = 4
 
 def device_scalar(value: int | float, dtype: mx.Dtype = mx.int32) -> mx.array:
     """``value`` as an array the kernels read at ``[0]`` (a slot, a position, a sampling option),
-    padded out of MLX's small-array pool."""
+    padded out of MLX's small-array pool. Written by the host: inside a compiled trace it is a
+    constant; for a value that changes every call outside one, see :func:`device_position`."""
     return mx.array([value] + [0] * (_PADDED - 1), dtype=dtype)
+
+
+def device_position(value: int) -> mx.array:
+    """``value`` as a (1,) int32 array made on the device (``arange``), never written by the host.
+
+    For a position that changes every frame and is passed into a compiled step: arrays the host
+    writes are managed memory on CUDA, and the first kernels to touch their pages waited on the
+    migration (``csm.sampling.split_noise``). One tiny kernel; inside a trace, :func:`device_scalar`
+    (a constant) is cheaper.
+    """
+    return mx.arange(value, value + _PADDED, dtype=mx.int32)[:1]
 
 
 def row_positions(positions: int | mx.array, rows: int) -> mx.array:
