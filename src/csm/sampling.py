@@ -94,8 +94,8 @@ def split_noise(key: mx.array, shape: tuple[int, ...], dtype: mx.Dtype = mx.floa
     Compiled, so a generation loop drawing it every frame writes no host scalars: the uniform's
     bounds and the clamp are constants of the trace. On CUDA, MLX keeps small host-written arrays
     in managed memory, and the next kernels to touch those pages waited on their migration
-    (1–3 ms of a 12 ms frame on an H200, ``.baseline`` traces in the stop-19 note). The draws are
-    those of :func:`exponential_noise` after ``mx.random.split``, bit for bit.
+    (1–3 ms of a 12 ms frame in H200 traces, ``benchmarks/trace_frame.py``). The draws are those
+    of :func:`exponential_noise` after ``mx.random.split``, bit for bit.
     """
     return _compiled_split_noise(tuple(shape), dtype)(key)
 
