@@ -84,7 +84,8 @@ def frame_loops(ours, peer) -> dict:
 
     ``csm-mlx``: the compiled frame generation runs (``CSM.compiled_frame``, noise drawn per frame
     as ``generate_frames`` draws it); ``csm-mlx eager``: ``CSM.generate_frame`` op by op with a
-    ``sample_topk`` sampler (the path custom samplers take); ``mlx-audio``: its own frame.
+    ``sample_topk`` sampler (the path custom samplers take); ``mlx-audio``: its own frame. The
+    csm-mlx sides feed their codes back through ``next_frame_rows`` (compiled), as generation does.
     """
     from mlx_audio.lm.sample_utils import make_sampler
 

@@ -7,6 +7,11 @@ script of frames so that the end frames fall where the test wants them.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -75,3 +80,33 @@ def test_next_frame_rows_feeds_the_codes_back_as_an_audio_row():
         np.testing.assert_array_equal(np.array(tokens)[:, 0], np.c_[np.array(codes), np.zeros(2)])
         np.testing.assert_array_equal(np.array(mask)[:, 0], np.tile(np.r_[np.ones(32, bool), False], (2, 1)))
         codes = codes + 1
+
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+WORKER_DRAWS = """
+import threading
+import mlx.core as mx
+from csm.generation.frames import next_frame_rows
+from csm.sampling import split_noise
+
+
+def frames():
+    key = mx.random.key(0)
+    for _ in range(3):
+        key, noise = split_noise(key, (32, 1, 64))
+        mx.eval(noise, next_frame_rows(mx.zeros((1, 32), mx.int32)))
+
+
+worker = threading.Thread(target=frames)
+worker.start()
+worker.join()
+"""
+
+
+def test_a_worker_threads_compiled_draws_let_the_process_exit_cleanly():
+    """The per-frame traces (noise, feedback rows) belong to the thread that ran them: shared
+    across threads, a finished worker's traces made the process abort at exit (18 of 20 runs)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    for _ in range(3):
+        proc = subprocess.run([sys.executable, "-c", WORKER_DRAWS], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]

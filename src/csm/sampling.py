@@ -15,15 +15,18 @@ that replays torch's CPU stream (then the tokens equal the PyTorch reference's f
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import lru_cache, partial
+from functools import partial
+from types import SimpleNamespace
 from typing import Literal
 
 import mlx.core as mx
 import numpy as np
 
+from .threads import per_thread
 from .torch_rng import TorchCompatibleGenerator
 
-__all__ = ["PRECISIONS", "TORCH_EPSILON", "TorchCompatibleGenerator", "exponential_noise", "filter_topk", "sample_topk"]
+__all__ = ["PRECISIONS", "TORCH_EPSILON", "TorchCompatibleGenerator", "exponential_noise", "filter_topk", "sample_topk",
+           "split_noise", "split_row_noise"]
 
 #: ``"float32"``: sample in float32 whatever the logits' dtype (the default: no bf16 quantisation of
 #: probabilities). ``"reference"``: round where torch rounds for the logits' dtype (bf16 logits ->
@@ -79,13 +82,24 @@ def exponential_noise(shape: tuple[int, ...], key: mx.array | None) -> mx.array:
 
 
 def _split_noise(key: mx.array, *, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """The traced body of :func:`split_noise`."""
     key, draw_key = mx.random.split(key)
     return key, exponential_noise(shape, draw_key).astype(dtype)
 
 
-@lru_cache(maxsize=32)
-def _compiled_split_noise(shape: tuple[int, ...], dtype: mx.Dtype) -> Callable[[mx.array], tuple[mx.array, mx.array]]:
-    return mx.compile(partial(_split_noise, shape=shape, dtype=dtype))
+def _split_row_noise(keys: mx.array, *, shape: tuple[int, ...], dtype: mx.Dtype) -> tuple[mx.array, mx.array]:
+    """The traced body of :func:`split_row_noise`: ``mx.vmap`` inside the trace (a compiled function
+    called under ``vmap`` is not compiled: MLX traces its body op by op there)."""
+    return mx.vmap(partial(_split_noise, shape=shape, dtype=dtype))(keys)
+
+
+_TRACES = SimpleNamespace()  # owns the per-thread traces below (csm.threads.per_thread)
+
+
+def _compiled(body: Callable, shape: tuple[int, ...], dtype: mx.Dtype) -> Callable:
+    """``body`` for one shape and dtype, compiled once per calling thread."""
+    shape = tuple(shape)
+    return per_thread(_TRACES, (body.__name__, shape, dtype), lambda: mx.compile(partial(body, shape=shape, dtype=dtype)))
 
 
 def split_noise(key: mx.array, shape: tuple[int, ...], dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
@@ -97,7 +111,13 @@ def split_noise(key: mx.array, shape: tuple[int, ...], dtype: mx.Dtype = mx.floa
     (1–3 ms of a 12 ms frame in H200 traces, ``benchmarks/trace_frame.py``). The draws are those
     of :func:`exponential_noise` after ``mx.random.split``, bit for bit.
     """
-    return _compiled_split_noise(tuple(shape), dtype)(key)
+    return _compiled(_split_noise, shape, dtype)(key)
+
+
+def split_row_noise(keys: mx.array, shape: tuple[int, ...], dtype: mx.Dtype = mx.float32) -> tuple[mx.array, mx.array]:
+    """:func:`split_noise` of each row's key, ``(B, 2)``: next keys ``(B, 2)`` and noise ``(B, *shape)``,
+    row ``r`` what ``split_noise(keys[r], shape, dtype)`` draws, bit for bit; one compiled trace."""
+    return _compiled(_split_row_noise, shape, dtype)(keys)
 
 
 def _exclude_safety(scores: mx.array) -> mx.array:

@@ -36,6 +36,7 @@ from ..codec.checks import check_codes
 from ..config import MAX_SEQ_LEN, NUM_CODEBOOKS
 from ..models import buckets
 from ..models.frame_step import Draw
+from ..models.fused import device_position
 from ..prompt import Segment, build_prompt
 from .frames import next_frame_rows
 from .generator import AudioChunk, Generator, Speech, Turn, random_seed
@@ -158,7 +159,8 @@ class Engine:
     def _run(self) -> None:
         model = self._model
         self._cache = model.make_cache(self.slots, self.cache_len)
-        self._starts = np.zeros(self.slots, np.int32)
+        self._starts = np.zeros(self.slots, np.int32)  # each active row's first position
+        self._starts_made: tuple | None = None  # what the device copies below were made from
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
         self._mimi = self.generator.mimi.make_state(self.slots)  # row r decodes slot r's audio
@@ -291,9 +293,7 @@ class Engine:
         cache, active = self._cache, self._active()
         if cache.offset + 1 > self.cache_len:
             self._compact()
-        idle = [i for i in range(self.slots) if self._rows[i] is None]
-        self._starts[idle] = cache.offset  # idle rows attend to themselves only
-        cache.start = mx.array(self._starts)
+        cache.start = self._row_starts()
         common = Counter(self._rows[i].draw for i in active).most_common(1)[0][0]
         draws = [common if row is None else row.draw for row in self._rows]
         self._keys, noise = row_noise(self._keys, self._vocab)
@@ -307,6 +307,22 @@ class Engine:
         self._deliver(frame, active)
         if not self._active():
             self._emit_audio()  # nothing left to overlap with
+
+    def _row_starts(self) -> mx.array:
+        """Each row's first position for the next step, (slots,) int32: an idle row's is the
+        offset, so it attends to itself only.
+
+        The host writes these arrays only when rows join, leave or move; the offset, which moves
+        every frame, is made on the device (host-written arrays cost the kernels that next touch
+        them a page migration on CUDA: csm.sampling.split_noise).
+        """
+        idle = np.array([row is None for row in self._rows])
+        made = (self._starts.tobytes(), idle.tobytes())
+        if made != self._starts_made:
+            self._starts_made, self._starts_dev, self._idle_dev = made, mx.array(self._starts), mx.array(idle)
+        if not idle.any():
+            return self._starts_dev
+        return mx.where(self._idle_dev, device_position(self._cache.offset), self._starts_dev)
 
     def _frame(self, rows: tuple[mx.array, mx.array], draws: list[Draw], noise: mx.array) -> mx.array:
         """The next frame of every row: the compiled frame when all rows sample alike (the usual case),

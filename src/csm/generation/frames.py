@@ -11,6 +11,7 @@ consumes it.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from types import SimpleNamespace
 
 import mlx.core as mx
 import numpy as np
@@ -20,6 +21,7 @@ from ..models import Sampler
 from ..models.frame_step import Draw
 from ..prompt import audio_rows
 from ..sampling import TorchCompatibleGenerator, sample_topk, split_noise
+from ..threads import per_thread
 
 
 class FrameSamplers:
@@ -30,8 +32,10 @@ class FrameSamplers:
     * ``generator``: a TorchCompatibleGenerator — the Exp(1) stream PyTorch's CPU generator
       produces after ``torch.manual_seed(seed)``, consumed in the official order (codebook 0,
       then 1..31, one ``(B, V)`` draw each);
-    * ``key``: an MLX PRNG key, split once per frame and then into one key per codebook, so a
-      run repeats bit-exactly on the same machine and backend.
+    * ``key``: an MLX PRNG key, split once per frame, so a run repeats bit-exactly on the same
+      machine and backend. The compiled frame takes the frame's noise in one draw
+      (:meth:`frame_noise`); a Python sampler (:meth:`next_frame`) splits the frame's key again,
+      into one key per codebook.
 
     Args:
         temperature: > 0 divides logits; 0 means greedy (argmax).
@@ -104,14 +108,16 @@ def _frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     return tokens[:, None, :], mask[:, None, :]
 
 
-# compiled: the zeros and ones are constants of the trace, not scalars the host writes every frame
-# (see csm.sampling.split_noise for why that matters on CUDA)
-_compiled_frame_rows = mx.compile(_frame_rows)
+_TRACES = SimpleNamespace()  # owns next_frame_rows' per-thread trace (csm.threads.per_thread)
 
 
 def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
-    """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask."""
-    return _compiled_frame_rows(codes)
+    """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask.
+
+    Compiled: the zeros and ones are constants of the trace, not scalars the host writes every
+    frame (see :func:`csm.sampling.split_noise` for why that matters on CUDA).
+    """
+    return per_thread(_TRACES, "frame_rows", lambda: mx.compile(_frame_rows))(codes)
 
 
 class PromptCache:

@@ -19,7 +19,7 @@ from ..config import NUM_CODEBOOKS
 from ..models import Sampler
 from ..models.cache import KVCache
 from ..models.frame_step import Draw
-from ..sampling import sample_topk, split_noise
+from ..sampling import sample_topk, split_row_noise
 
 
 def place_prompt(shared: Sequence[KVCache], solo: Sequence[KVCache], row: int, length: int) -> None:
@@ -38,10 +38,10 @@ def row_noise(keys: mx.array, vocab: int) -> tuple[mx.array, mx.array]:
     """Per-row frame noise from per-row keys ``(B, 2)``: next keys ``(B, 2)`` and noise ``(B, 32, vocab)``.
 
     Row ``r``'s noise depends on ``keys[r]`` only, and equals what a solo run seeded with the same
-    key draws (``mx.vmap`` of the same calls; checked bit for bit in the tests).
+    key draws (:func:`csm.sampling.split_row_noise`; checked bit for bit in the tests).
     """
     # one frame of one row, as csm.generation.frames.FrameSamplers draws it for a batch of 1
-    keys, noise = mx.vmap(lambda k: split_noise(k, (NUM_CODEBOOKS, 1, vocab)))(keys)
+    keys, noise = split_row_noise(keys, (NUM_CODEBOOKS, 1, vocab))
     return keys, noise[:, :, 0, :]
 
 

@@ -499,7 +499,8 @@ def device_position(value: int) -> mx.array:
     migration (``csm.sampling.split_noise``). One tiny kernel; inside a trace, :func:`device_scalar`
     (a constant) is cheaper.
     """
-    return mx.arange(value, value + _PADDED, dtype=mx.int32)[:1]
+    start = int(value)  # a NumPy integer too
+    return mx.arange(start, start + _PADDED, dtype=mx.int32)[:1]
 
 
 def row_positions(positions: int | mx.array, rows: int) -> mx.array:
