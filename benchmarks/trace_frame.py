@@ -7,8 +7,11 @@ union of kernel, copy and memset intervals), the gaps between launches, and the 
 time with their count and mean duration. The trace itself goes to ``--trace`` (Chrome/Perfetto JSON).
 
 Needs MLX's CUDA backend and a CUDA build of PyTorch in the same process (``nsys`` is not needed).
-Run: ``python benchmarks/trace_frame.py [--frames 3] [--top 25] [--trace frame.json]``; set
-``CSM_FUSED_STACK=1`` or ``CSM_FUSED_KERNELS=0`` to trace the other paths.
+``--model mimi`` traces Mimi's streaming decode step instead (random full-size weights, float32,
+``--batch`` streams, one frame a step, codes made on the device ahead of the steps).
+
+Run: ``python benchmarks/trace_frame.py [--model csm|mimi] [--frames 3] [--top 25] [--trace frame.json]``;
+set ``CSM_FUSED_STACK=1`` or ``CSM_FUSED_KERNELS=0`` to trace the other CSM paths.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import csm  # noqa: F401  (first: loads an installed BLAS before mlx.core)
 import mlx.core as mx
 import numpy as np
 
-from bench_generate import build_csm, doc_parser, steady_frames
+from bench_generate import build_csm, build_mimi, doc_parser, steady_frames
 from csm.backend import is_cuda
 
 GPU_EVENTS = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -62,8 +65,27 @@ def summarize(events: list[dict], frames: int, wall: float, top: int) -> None:
         print(f"{total / frames / 1e3:9.3f} {count / frames:8.0f} {total / count:8.2f}  {name}")
 
 
+def steady_mimi_steps(batch: int):
+    """A callable that runs (and evaluates) one more streamed Mimi decode step of one frame."""
+    mimi = build_mimi()
+    state, step = mimi.make_state(batch), [0]
+    codes = mx.array(np.random.default_rng(2).integers(0, 2048, (batch, 32, 64)).astype(np.int32))
+    mx.eval(codes)
+
+    def next_step() -> mx.array:
+        t = step[0] % codes.shape[-1]
+        pcm = mimi.decode_step(codes[:, :, t : t + 1], state, check_range=False)
+        mx.eval(pcm)
+        step[0] += 1
+        return pcm
+
+    return next_step
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = doc_parser(__doc__)
+    parser.add_argument("--model", choices=["csm", "mimi"], default="csm", help="a CSM frame or a Mimi decode step")
+    parser.add_argument("--batch", type=int, default=1, help="Mimi streams decoded together (--model mimi)")
     parser.add_argument("--frames", type=int, default=3, help="frames traced")
     parser.add_argument("--warmup", type=int, default=4, help="frames run before the trace (kernel builds, traces)")
     parser.add_argument("--top", type=int, default=25, help="kernels listed")
@@ -80,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.zeros(1, device="cuda")  # PyTorch's CUDA context first: the profiler attaches to it
 
-    next_frame = steady_frames(build_csm(mx.bfloat16))
+    next_frame = steady_frames(build_csm(mx.bfloat16)) if args.model == "csm" else steady_mimi_steps(args.batch)
     for _ in range(args.warmup):
         next_frame()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
