@@ -161,6 +161,7 @@ class Engine:
         self._cache = model.make_cache(self.slots, self.cache_len)
         self._starts = np.zeros(self.slots, np.int32)  # each active row's first position
         self._starts_made: tuple | None = None  # what the device copies below were made from
+        self._decoding_made: list[int] | None = None
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
         self._mimi = self.generator.mimi.make_state(self.slots)  # row r decodes slot r's audio
@@ -304,7 +305,7 @@ class Engine:
         frame = np.array(codes)  # the one host read per frame
         self._codes = upcoming
         self.frames_generated += 1
-        self._deliver(frame, active)
+        self._deliver(frame, codes, active)
         if not self._active():
             self._emit_audio()  # nothing left to overlap with
 
@@ -346,8 +347,10 @@ class Engine:
         where = mx.array(joining)[:, None, None]
         return mx.where(where, mx.array(last_tokens), tokens), mx.where(where, mx.array(last_mask), mask)
 
-    def _deliver(self, frame: np.ndarray, active: list[int]) -> None:
+    def _deliver(self, frame: np.ndarray, codes: mx.array, active: list[int]) -> None:
         """End finished or cancelled rows; start decoding one frame of audio for all other rows at once.
+
+        ``frame`` is ``codes`` (the device array) read on the host.
 
         The audio is handed out by :meth:`_emit_audio` on the next step, once the frame after
         it has been queued, so the host never waits on the decoder alone.
@@ -378,12 +381,20 @@ class Engine:
         if decoded:
             # Every row steps (fixed shapes: one compiled trace); rows not decoding get zeros and
             # their streams are restarted before they are next used.
-            codes = np.zeros((self.slots, frame.shape[1], 1), np.int32)
-            for _, slot, _ in decoded:
-                codes[slot, :, 0] = frame[slot]
-            pcm = mimi.decode_step(mx.array(codes), self._mimi, check_range=False)
+            rows = self._decoding_rows([slot for _, slot, _ in decoded])
+            pcm = mimi.decode_step((codes * rows)[:, :, None], self._mimi, check_range=False)
             mx.async_eval(pcm)
             self._audio = _Audio(pcm, decoded)
+
+    def _decoding_rows(self, slots: list[int]) -> mx.array:
+        """(slots, 1) int32, 1 for the rows whose frame Mimi decodes this step, else 0. Written by
+        the host only when that set changes: the codes themselves stay on the device (see
+        :meth:`_row_starts` for why host-written arrays are avoided)."""
+        if slots != self._decoding_made:
+            rows = np.zeros((self.slots, 1), np.int32)
+            rows[slots] = 1
+            self._decoding_made, self._decoding_dev = slots, mx.array(rows)
+        return self._decoding_dev
 
     def _emit_audio(self) -> None:
         audio, self._audio = self._audio, None
