@@ -103,8 +103,10 @@ class FrameSamplers:
 
 def _frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     batch = codes.shape[0]
-    tokens = mx.concatenate([codes.astype(mx.int32), mx.zeros((batch, 1), mx.int32)], axis=1)
-    mask = mx.concatenate([mx.ones((batch, NUM_CODEBOOKS), mx.bool_), mx.zeros((batch, 1), mx.bool_)], axis=1)
+    # host data: constants of the trace (mx.zeros / mx.ones would be fill kernels at every call)
+    text_column = mx.array(np.zeros((batch, 1), np.int32))
+    mask = mx.array(np.tile(np.r_[np.ones(NUM_CODEBOOKS, bool), False], (batch, 1)))
+    tokens = mx.concatenate([codes.astype(mx.int32), text_column], axis=1)
     return tokens[:, None, :], mask[:, None, :]
 
 
@@ -114,8 +116,8 @@ _TRACES = SimpleNamespace()  # owns next_frame_rows' per-thread trace (csm.threa
 def next_frame_rows(codes: mx.array) -> tuple[mx.array, mx.array]:
     """Feed back generated codes ``(B, 32)`` as one audio row: ``(B, 1, 33)`` tokens and mask.
 
-    Compiled: the zeros and ones are constants of the trace, not scalars the host writes every
-    frame (see :func:`csm.sampling.split_noise` for why that matters on CUDA).
+    Compiled: the text column and the mask are constants of the trace, not arrays the host writes
+    every frame (see :func:`csm.sampling.split_noise` for why that matters on CUDA).
     """
     return per_thread(_TRACES, "frame_rows", lambda: mx.compile(_frame_rows))(codes)
 

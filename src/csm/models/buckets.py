@@ -28,6 +28,8 @@ from collections.abc import Iterator
 
 import mlx.core as mx
 
+from .views import constant_range
+
 #: Attention spans grow in steps of this many positions: one shape (and trace) per step, not per row.
 SPAN_STEP = 256
 #: Prompt prefills are padded to a multiple of this many rows: at most 32 row shapes in a 2048-position
@@ -92,7 +94,7 @@ def attention_mask(offset: int | mx.array, rows: int, start: mx.array, span: int
         start: (B,) int32, each batch row's first real position.
         span: key positions (>= offset + rows).
     """
-    queries = (offset + mx.arange(rows))[:, None]  # (rows, 1)
-    keys = mx.arange(span)[None]  # (1, span)
+    queries = (offset + constant_range(rows))[:, None]  # (rows, 1)
+    keys = constant_range(span)[None]  # (1, span)
     visible = (keys >= start[:, None, None]) | (keys == queries)  # (B, rows, span)
     return ((keys <= queries) & visible)[:, None]

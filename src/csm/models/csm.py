@@ -21,7 +21,7 @@ from .buckets import attention_mask, padded_rows, prefill_bucket, span
 from .cache import FrameCache, StepKV
 from .frame_step import CompiledFrame, Draw
 from .llama import FLAVORS, Llama, LlamaArgs, fuse_weights, unfuse_weights
-from .views import row
+from .views import constant_range, row
 
 #: ``sampler(logits (B, V), codebook) -> (B, 1) int32``, called for codebooks 0, 1, ..., 31 in order.
 Sampler = Callable[[mx.array, int], mx.array]
@@ -109,7 +109,7 @@ class CSM(nn.Module):
 
     def _codebook_offsets(self) -> mx.array:
         """(K,) int32: where codebook ``i``'s rows start in :attr:`audio_embeddings` (``i * audio_vocab_size``)."""
-        return mx.arange(self.args.audio_num_codebooks, dtype=mx.int32) * self.args.audio_vocab_size
+        return constant_range(self.args.audio_num_codebooks) * self.args.audio_vocab_size
 
     def embed_frames(self, tokens: mx.array, mask: mx.array) -> mx.array:
         """Masked sum over the 33 columns: audio codes (with per-codebook offsets) and the text token.

@@ -51,6 +51,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..backend import is_cuda
+from .views import constant_full
 
 #: Weight dtypes the fused path serves (float32 stays on the MLX ops: see the module docstring;
 #: float16 too until its kernels have run against the MLX ops on a GPU).
@@ -506,7 +507,7 @@ def device_position(value: int) -> mx.array:
 def row_positions(positions: int | mx.array, rows: int) -> mx.array:
     """Each row's RoPE position, int32; an int is written into at least 4 entries (see :func:`device_scalar`)."""
     if isinstance(positions, int):
-        return mx.full((max(rows, _PADDED),), positions, dtype=mx.int32)
+        return constant_full(max(rows, _PADDED), positions)  # a trace constant, not a fill kernel a step
     return mx.broadcast_to(positions.astype(mx.int32).reshape(-1), (rows,))
 
 

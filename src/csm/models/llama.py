@@ -25,6 +25,7 @@ import numpy as np
 from . import fused, fused_stack
 from ..backend import is_cuda
 from .cache import KVCache
+from .views import constant_range
 
 #: torchtune's llama3 scaling defaults (``llama3_2`` passes only ``scale_factor=32``).
 LLAMA3_SCALING: dict[str, float] = {
@@ -259,7 +260,7 @@ class Attention(nn.Module):
         if isinstance(positions, int):
             rot = self._rotations[positions : positions + L]  # (L, hd/2, 2), a view
         else:
-            rot = self._rotations[positions.reshape(-1, 1) + mx.arange(L)][:, None]  # (B, 1, L, hd/2, 2)
+            rot = self._rotations[positions.reshape(-1, 1) + constant_range(L)][:, None]  # (B, 1, L, hd/2, 2)
         rot = rot.astype(x.dtype)
         pairs = x.reshape(*x.shape[:-1], -1, 2)
         x0, x1, cos, sin = pairs[..., 0], pairs[..., 1], rot[..., 0], rot[..., 1]
