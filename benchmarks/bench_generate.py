@@ -50,9 +50,13 @@ def build_csm(dtype: mx.Dtype, args: CSMArgs | None = None) -> CSM:
     return model
 
 
-def steady_frames(model: CSM, prompt_rows: int = 200):
+def steady_frames(model: CSM, prompt_rows: int = 200, host: list[tuple[float, float]] | None = None):
     """After a ``prompt_rows``-row text prompt, a callable that runs (and evaluates) one more compiled
-    frame, batch 1, top-k 50 at 0.9: the loop generation runs, for profilers to watch."""
+    frame, batch 1, top-k 50 at 0.9: the loop generation runs, for profilers to watch.
+
+    ``host``, if given, gets each frame's (seconds in the compiled call, seconds in ``mx.eval``): the
+    first is host time alone (the trace replayed into a lazy graph), the second the dispatch and the wait.
+    """
     draw = Draw(topk=50, temperature=0.9)
     frame, samplers = model.compiled_frame(draw), FrameSamplers(temperature=0.9, topk=50, key=mx.random.key(0))
     vocab, cache = model.args.audio_vocab_size, model.make_cache(1)
@@ -61,8 +65,13 @@ def steady_frames(model: CSM, prompt_rows: int = 200):
 
     def next_frame() -> mx.array:
         nonlocal rows
-        codes = frame(*rows, cache, samplers.frame_noise(1, vocab, frame.noise_dtype()))
+        noise = samplers.frame_noise(1, vocab, frame.noise_dtype())
+        start = time.perf_counter()
+        codes = frame(*rows, cache, noise)
+        called = time.perf_counter()
         mx.eval(codes)
+        if host is not None:
+            host.append((called - start, time.perf_counter() - called))
         rows = next_frame_rows(codes)
         return codes
 
