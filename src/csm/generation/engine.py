@@ -161,7 +161,8 @@ class Engine:
         self._cache = model.make_cache(self.slots, self.cache_len)
         self._starts = np.zeros(self.slots, np.int32)  # each active row's first position
         self._starts_made: tuple | None = None  # what the device copies below were made from
-        self._decoding_made: list[int] | None = None
+        self._decoding_made: list[int] | None = None  # the rows Mimi decoded last, and their mask:
+        self._decoding_dev = mx.zeros((self.slots, 1), mx.int32)
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
         self._mimi = self.generator.mimi.make_state(self.slots)  # row r decodes slot r's audio

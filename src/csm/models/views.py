@@ -10,6 +10,8 @@ the trace, run again at every call; an array made from host data is a constant o
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import mlx.core as mx
 import numpy as np
 
@@ -19,11 +21,14 @@ def row(a: mx.array, index: int) -> mx.array:
     return a[index : index + 1].squeeze(0)
 
 
+# Cached: an eager (untraced) caller gets the array the host wrote once, not a new one per call.
+@lru_cache(maxsize=512)
 def constant_range(n: int) -> mx.array:
     """``0 .. n - 1`` as int32 data: a constant inside a compiled trace, not an ``arange`` kernel."""
     return mx.array(np.arange(n, dtype=np.int32))
 
 
+@lru_cache(maxsize=512)
 def constant_full(n: int, value: int) -> mx.array:
     """``n`` copies of ``value`` as int32 data: a constant inside a compiled trace, not a fill kernel."""
     return mx.array(np.full(n, value, dtype=np.int32))
