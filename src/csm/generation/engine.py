@@ -73,6 +73,24 @@ class _Solo:
     chunks: Iterator[AudioChunk] = field(repr=False)
 
 
+class _DeviceCopies:
+    """Device copies of small host arrays, each written again only when its contents change.
+
+    The engine's per-row state (starts, idle and decoding rows) changes when rows join, leave or
+    move, not every frame; a host-written array costs the kernels that next touch it a page
+    migration on CUDA (csm.sampling.split_noise), so a frame reuses the copy it already has.
+    """
+
+    def __init__(self) -> None:
+        self._made: dict[str, tuple[bytes, mx.array]] = {}
+
+    def __call__(self, name: str, host: np.ndarray) -> mx.array:
+        made = self._made.get(name)
+        if made is None or made[0] != host.tobytes():
+            made = self._made[name] = (host.tobytes(), mx.array(host))
+        return made[1]
+
+
 class Engine:
     """Continuous-batching speech engine around a :class:`Generator`.
 
@@ -160,9 +178,7 @@ class Engine:
         model = self._model
         self._cache = model.make_cache(self.slots, self.cache_len)
         self._starts = np.zeros(self.slots, np.int32)  # each active row's first position
-        self._starts_made: tuple | None = None  # what the device copies below were made from
-        self._decoding_made: list[int] | None = None  # the rows Mimi decoded last, and their mask:
-        self._decoding_dev = mx.zeros((self.slots, 1), mx.int32)
+        self._on_device = _DeviceCopies()
         self._codes = mx.zeros((self.slots, NUM_CODEBOOKS), mx.int32)
         self._keys = mx.zeros((self.slots, 2), mx.uint32)
         self._mimi = self.generator.mimi.make_state(self.slots)  # row r decodes slot r's audio
@@ -319,12 +335,10 @@ class Engine:
         them a page migration on CUDA: csm.sampling.split_noise).
         """
         idle = np.array([row is None for row in self._rows])
-        made = (self._starts.tobytes(), idle.tobytes())
-        if made != self._starts_made:
-            self._starts_made, self._starts_dev, self._idle_dev = made, mx.array(self._starts), mx.array(idle)
+        starts = self._on_device("starts", self._starts)
         if not idle.any():
-            return self._starts_dev
-        return mx.where(self._idle_dev, device_position(self._cache.offset), self._starts_dev)
+            return starts
+        return mx.where(self._on_device("idle", idle), device_position(self._cache.offset), starts)
 
     def _frame(self, rows: tuple[mx.array, mx.array], draws: list[Draw], noise: mx.array) -> mx.array:
         """The next frame of every row: the compiled frame when all rows sample alike (the usual case),
@@ -388,14 +402,11 @@ class Engine:
             self._audio = _Audio(pcm, decoded)
 
     def _decoding_rows(self, slots: list[int]) -> mx.array:
-        """(slots, 1) int32, 1 for the rows whose frame Mimi decodes this step, else 0. Written by
-        the host only when that set changes: the codes themselves stay on the device (see
-        :meth:`_row_starts` for why host-written arrays are avoided)."""
-        if slots != self._decoding_made:
-            rows = np.zeros((self.slots, 1), np.int32)
-            rows[slots] = 1
-            self._decoding_made, self._decoding_dev = slots, mx.array(rows)
-        return self._decoding_dev
+        """(slots, 1) int32, 1 for the rows whose frame Mimi decodes this step, else 0, on the device:
+        Mimi's input is built there from the frame's codes."""
+        rows = np.zeros((self.slots, 1), np.int32)
+        rows[slots] = 1
+        return self._on_device("decoding", rows)
 
     def _emit_audio(self) -> None:
         audio, self._audio = self._audio, None

@@ -487,9 +487,10 @@ _PADDED = 4
 
 def device_scalar(value: int | float, dtype: mx.Dtype = mx.int32) -> mx.array:
     """``value`` as an array the kernels read at ``[0]`` (a slot, a position, a sampling option),
-    padded out of MLX's small-array pool. Written by the host: inside a compiled trace it is a
-    constant; for a value that changes every call outside one, see :func:`device_position`."""
-    return mx.array([value] + [0] * (_PADDED - 1), dtype=dtype)
+    padded out of MLX's small-array pool. Host data, written once per value (``constant_full``):
+    inside a compiled trace it is a constant; for a value that changes every call outside one, see
+    :func:`device_position`."""
+    return constant_full(_PADDED, value, dtype)
 
 
 def device_position(value: int) -> mx.array:

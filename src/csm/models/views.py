@@ -29,6 +29,6 @@ def constant_range(n: int) -> mx.array:
 
 
 @lru_cache(maxsize=512)
-def constant_full(n: int, value: int) -> mx.array:
-    """``n`` copies of ``value`` as int32 data: a constant inside a compiled trace, not a fill kernel."""
-    return mx.array(np.full(n, value, dtype=np.int32))
+def constant_full(n: int, value: int | float, dtype: mx.Dtype = mx.int32) -> mx.array:
+    """``n`` copies of ``value`` as data: a constant inside a compiled trace, not a fill kernel."""
+    return mx.array(np.full(n, value), dtype=dtype)
