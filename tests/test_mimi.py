@@ -25,6 +25,7 @@ from csm.codec import Mimi, MimiArgs, load_mimi, mimi_from_weights
 from csm.codec.conv import ConvState, StreamingConv1d, StreamingConvTranspose1d
 from csm.codec.load import checkpoint_shapes, convtr_weight_to_mlx
 from csm.codec.transformer import WindowState, rope_tables, rotate
+from csm.models import fused
 from csm.weights.io import WeightsError, torch_to_mlx
 
 from batched_rows import assert_same_as_solo
@@ -268,6 +269,49 @@ def test_compiled_step_equals_op_by_op(ours, codes):
     np.testing.assert_allclose(stream(ours, codes), stream(ours, codes, compiled=False), atol=STREAM_ATOL * scale)
 
 
+def ops_attend_masked(q, keys, values, mask):
+    """``fused.attend_masked``'s contract for several queries a row, in MLX ops: q (B, H, Q, hd),
+    mask (B, Q, L) -> (B, Q, H * hd), the heads side by side."""
+    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=q.shape[-1] ** -0.5, mask=mask[:, None])
+    return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
+
+
+def count_calls(monkeypatch, kernel) -> list[int]:
+    calls = [0]
+
+    def counted(*args):
+        calls[0] += 1
+        return kernel(*args)
+
+    monkeypatch.setattr(fused, "attend_masked", counted)
+    return calls
+
+
+def test_streamed_attention_routes_through_the_fused_kernel(ours, codes, monkeypatch):
+    """Any device: where the fused kernels are active, each layer of a streamed step attends through
+    ``fused.attend_masked`` (stood in here by its contract in MLX ops) and the audio is unchanged."""
+    plain = stream(ours, codes, compiled=False)
+    monkeypatch.setattr(fused, "active", lambda: True)
+    calls = count_calls(monkeypatch, ops_attend_masked)
+    routed = stream(ours, codes, compiled=False)
+    assert calls[0] == FRAMES * TINY["num_hidden_layers"]
+    np.testing.assert_allclose(routed, plain, atol=STREAM_ATOL * np.abs(plain).max())
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="the fused kernels run on MLX's CUDA backend only")
+def test_fused_window_attention_equals_mlx_sdpa(ours, codes, monkeypatch):
+    """CUDA: the streamed decode with the fused attention kernel (the default there) equals the one
+    through MLX's SDPA, op by op and compiled."""
+    with fused.fused_kernels(False):
+        plain = stream(ours, codes, compiled=False)
+    calls = count_calls(monkeypatch, fused.attend_masked)
+    kernel = stream(ours, codes, compiled=False)
+    assert calls[0] == FRAMES * TINY["num_hidden_layers"]
+    scale = np.abs(plain).max()
+    np.testing.assert_allclose(kernel, plain, atol=STREAM_ATOL * scale)
+    np.testing.assert_allclose(stream(ours, codes), plain, atol=STREAM_ATOL * scale)
+
+
 def test_batched_rows_equal_solo_streams(ours):
     """Each row of a batched state decodes exactly what it decodes alone."""
     codes = np.random.default_rng(3).integers(0, TINY["codebook_size"], (3, NUM_CODEBOOKS, FRAMES))
@@ -377,6 +421,16 @@ def test_strided_conv_streams(pad_mode):
     x = mx.random.normal((2, 24, 3), key=mx.random.key(0)) + 1.0  # offset: replicate != zeros
     state = ConvState()
     steps = mx.concatenate([conv.step(x[:, t : t + 8], state) for t in range(0, 24, 8)], axis=1)
+    np.testing.assert_allclose(np.array(steps), np.array(conv(x)), atol=CONV_ATOL)
+
+
+@pytest.mark.parametrize("kernel_size,dilation", [(3, 2), (1, 1), (7, 1)])
+def test_dilated_and_pointwise_conv_streams(kernel_size, dilation):
+    """The streamed conv (one GEMM over unfolded windows) equals the one-shot ``mx.conv1d``, dilated too."""
+    conv = StreamingConv1d(3, 5, kernel_size, dilation=dilation)
+    x = mx.random.normal((2, 24, 3), key=mx.random.key(1))
+    state = conv.initial_state(2)
+    steps = mx.concatenate([conv.step(x[:, t : t + 2], state) for t in range(0, 24, 2)], axis=1)
     np.testing.assert_allclose(np.array(steps), np.array(conv(x)), atol=CONV_ATOL)
 
 

@@ -28,6 +28,27 @@ class ConvState:
             self.buffer[row : row + 1] = 0
 
 
+def conv1d_gemm(x: mx.array, conv: nn.Conv1d) -> mx.array:
+    """``conv(x)`` (no padding added, groups 1) as one matrix product over the unfolded windows.
+
+    A streamed step convolves a few columns: there one GEMM (the windows are a strided view, copied
+    once) costs far less than a convolution call, which on CUDA is a cuDNN launch with layout
+    transposes of the input and the weight around it (and host work per call). One-shot calls keep
+    ``mx.conv1d``: the unfolded copy grows with the signal (k x its size).
+    """
+    c_out, k, c_in = conv.weight.shape
+    batch, length, _ = x.shape
+    stride, dilation = conv.stride, conv.dilation
+    steps = (length - dilation * (k - 1) - 1) // stride + 1
+    if k == 1 and stride == 1:
+        windows = x
+    else:
+        windows = mx.as_strided(x, (batch, steps, k, c_in), (length * c_in, stride * c_in, dilation * c_in, 1))
+        windows = windows.reshape(batch, steps, k * c_in)
+    weight = conv.weight.reshape(c_out, k * c_in).T  # a transposed view: the GEMM reads it as is
+    return mx.addmm(conv.bias, windows, weight) if "bias" in conv else windows @ weight
+
+
 class StreamingConv1d(nn.Module):
     """Causal ``Conv1d`` (weights under ``conv.``, as in transformers' checkpoint names)."""
 
@@ -76,7 +97,7 @@ class StreamingConv1d(nn.Module):
     def step(self, x: mx.array, state: ConvState) -> mx.array:
         """Streaming call; ``x.shape[1]`` must be a multiple of the stride."""
         if self.padding_total == 0:
-            return self.conv(x)
+            return conv1d_gemm(x, self.conv)
         if state.buffer is None:
             # Zeros, or the first column repeated (the "replicate" downsample conv).
             first = x[:, :1]
@@ -85,7 +106,7 @@ class StreamingConv1d(nn.Module):
             state.buffer = mx.repeat(first, self.padding_total, axis=1)
         x = mx.concatenate([state.buffer, x], axis=1)
         state.buffer = x[:, x.shape[1] - self.padding_total :]
-        return self.conv(x)
+        return conv1d_gemm(x, self.conv)
 
 
 class ConvTranspose1d(nn.Module):

@@ -4,7 +4,8 @@ The semantic RVQ (first ``num_semantic`` codebooks) and the acoustic RVQ (the re
 the same latent, each through its own input/output 1x1 projection; decoded latents are summed.
 Codebook vectors are ``embed_sum / max(cluster_usage, 1e-5)``, computed once at load time, and
 the codebooks of one RVQ are stacked in one (K, size, dim) table, so that decoding K codes is one
-gather and one sum (K gathers and K - 1 adds would be 2K kernels per streamed frame).
+gather and one sum (K gathers and K - 1 adds would be 2K kernels per streamed frame). The 1x1
+projections run as plain matrix products (:func:`~csm.codec.conv.conv1d_gemm`), not convolution calls.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+
+from .conv import conv1d_gemm
 
 
 def nearest(x: mx.array, embed: mx.array) -> mx.array:
@@ -32,7 +35,7 @@ class ResidualVectorQuantizer(nn.Module):
 
     def encode(self, x: mx.array, num_codebooks: int) -> mx.array:
         """(B, T, hidden) -> (B, T, num_codebooks) codes."""
-        residual = self.input_proj(x) if "input_proj" in self else x
+        residual = conv1d_gemm(x, self.input_proj) if "input_proj" in self else x
         codes = []
         for embed in self.embed[:num_codebooks]:
             indices = nearest(residual, embed)
@@ -45,7 +48,7 @@ class ResidualVectorQuantizer(nn.Module):
         # A constant index (built at trace time), not mx.arange: no arange kernel in a traced step.
         books = mx.array(np.arange(codes.shape[-1], dtype=np.int32))
         latent = self.embed[books, codes].sum(axis=-2)  # (B, T, K, dim) -> (B, T, dim)
-        return self.output_proj(latent) if "output_proj" in self else latent
+        return conv1d_gemm(latent, self.output_proj) if "output_proj" in self else latent
 
 
 class SplitResidualVectorQuantizer(nn.Module):

@@ -376,21 +376,23 @@ _ATTEND_MASKED = r"""
   __shared__ float part[NT / HD][HD];
   __shared__ float scratch[NT / 32];
   constexpr int G = H / KV, V16 = 16 / sizeof(T);
-  const int bh = blockIdx.x, b = bh / H, h = bh % H, tid = threadIdx.x;
+  // One block per (row b, query i, head h); q is (B, H, Q, HD), the mask (B, Q, L), out (B, Q, H * HD).
+  const int block = blockIdx.x, b = block / (Q * H), i = (block / H) % Q, h = block % H, tid = threadIdx.x;
   const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
   const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
+  const bool* mask = mask_all + (size_t)(b * Q + i) * L;
   const float scale = rsqrtf(static_cast<float>(HD));
-  for (int d = tid; d < HD; d += NT) qs[d] = rnd<T>(f32<T>(q[(size_t)bh * HD + d]) * rnd<T>(scale));
+  for (int d = tid; d < HD; d += NT) qs[d] = rnd<T>(f32<T>(q[((size_t)(b * H + h) * Q + i) * HD + d]) * rnd<T>(scale));
   __syncthreads();
   float top = __int_as_float(0xff800000);
   for (int p = tid; p < L; p += NT) {  // one position a thread
     float score = __int_as_float(0xff800000);
-    if (mask[(size_t)b * L + p]) {
+    if (mask[p]) {
       float dot = 0.f;
       for (int d0 = 0; d0 < HD; d0 += V16) {
         const Pack<T> kv = *reinterpret_cast<const Pack<T>*>(kb + (size_t)p * HD + d0);
 #pragma unroll
-        for (int i = 0; i < V16; ++i) dot += qs[d0 + i] * f32<T>(kv.v[i]);
+        for (int j = 0; j < V16; ++j) dot += qs[d0 + j] * f32<T>(kv.v[j]);
       }
       score = rnd<T>(dot);
     }
@@ -399,11 +401,11 @@ _ATTEND_MASKED = r"""
   }
   top = block_max<NT / 32>(top, scratch);
   float total = 0.f;
-  for (int p = tid; p < L; p += NT) total += mask[(size_t)b * L + p] ? __expf(scores[p] - top) : 0.f;
+  for (int p = tid; p < L; p += NT) total += mask[p] ? __expf(scores[p] - top) : 0.f;
   const float norm = 1.f / block_sum<NT / 32>(total, scratch);
   int first = L, last = -1;  // the visible positions' range: the values outside it are never read
   for (int p = tid; p < L; p += NT) {
-    const bool seen = mask[(size_t)b * L + p];
+    const bool seen = mask[p];
     scores[p] = seen ? rnd<T>(__expf(scores[p] - top) * norm) : 0.f;
     if (seen) { first = min(first, p); last = max(last, p); }
   }
@@ -419,7 +421,7 @@ _ATTEND_MASKED = r"""
   __syncthreads();
   if (group == 0) {
     for (int g = 1; g < NT / HD; ++g) o += part[g][d];
-    out[(size_t)bh * HD + d] = to<T>(o);
+    out[((size_t)(b * Q + i) * H + h) * HD + d] = to<T>(o);
   }
 """
 
@@ -566,7 +568,7 @@ def attend_out(q: mx.array, keys: mx.array, values: mx.array, slot: mx.array, w:
 
 
 #: Threads a block of :func:`attend_masked` (a multiple of every head size it serves).
-_ATTEND_THREADS = 256
+ATTEND_THREADS = 256
 #: Most positions :func:`attend_masked` reads (their scores sit in 48 KB of static shared memory).
 MAX_MASKED = 8192
 
@@ -584,16 +586,19 @@ def attend_masked(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array)
 
     ``keys``/``values`` are whole cache buffers (B, KV, S >= L, hd), not slices (a slice would be
     copied to make it contiguous). Returns (B, H * hd): the heads side by side, ready for the output
-    projection.
+    projection. Several queries a row: q (B, H, Q, hd) with a mask (B, Q, L) give (B, Q, H * hd).
     """
-    B, H, HD = q.shape
+    B, H = q.shape[:2]
+    HD = q.shape[-1]
+    Q = q.shape[2] if q.ndim == 4 else 1
     KV, S = keys.shape[1], keys.shape[2]
-    L = mask.shape[1]
-    template = [("T", q.dtype), ("H", H), ("KV", KV), ("HD", HD), ("S", S), ("L", L), ("NT", _ATTEND_THREADS)]
-    launch = kernel("csm_attend_masked", ("q", "k", "v", "mask"), ("out",), _ATTEND_MASKED, 0)
+    L = mask.shape[-1]
+    template = [("T", q.dtype), ("H", H), ("KV", KV), ("HD", HD), ("S", S), ("L", L), ("Q", Q), ("NT", ATTEND_THREADS)]
+    launch = kernel("csm_attend_masked", ("q", "k", "v", "mask_all"), ("out",), _ATTEND_MASKED, 0)
+    shape = (B, Q, H * HD) if q.ndim == 4 else (B, H * HD)
     (out,) = launch(
-        inputs=[q, keys, values, mask], template=template, grid=(B * H * _ATTEND_THREADS, 1, 1),
-        threadgroup=(_ATTEND_THREADS, 1, 1), output_shapes=[(B, H * HD)], output_dtypes=[q.dtype],
+        inputs=[q, keys, values, mask], template=template, grid=(B * Q * H * ATTEND_THREADS, 1, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1), output_shapes=[shape], output_dtypes=[q.dtype],
     )
     return out
 
