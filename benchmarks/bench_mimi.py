@@ -15,7 +15,8 @@ the same weights. Reports ms per 80 ms frame and PyTorch/MLX ratios for:
 MLX alone (``--batch B``, always printed; ``--mlx-only`` skips PyTorch): streaming ms per frame
 step with the compiled step (the default of ``decode_step``) and op by op, at batch 1, at batch
 B (B streams in one state, per step and per stream-frame), and B batch-1 states stepped one after
-the other (what the serving engine did before it batched its rows).
+the other (what the serving engine did before it batched its rows). On CUDA, also the compiled
+batch-1 step with MLX's SDPA in place of the fused window attention (``CSM_FUSED_KERNELS``).
 
 CPU: ``python benchmarks/bench_mimi.py``; CUDA: ``python benchmarks/bench_mimi.py --torch-device cuda``.
 """
@@ -33,6 +34,7 @@ import torch
 from transformers import MimiConfig, MimiModel
 
 from csm.codec import Mimi, MimiArgs, mimi_from_weights
+from csm.models import fused
 from csm.weights.io import torch_to_mlx
 from bench_generate import doc_parser
 
@@ -113,14 +115,14 @@ def mlx_streaming(mimi: Mimi, frames: int, batch: int, repeats: int) -> list[tup
     # An older checkout's decode_step has no compiled option: its one variant is timed ("before" runs).
     has_option = "compiled" in inspect.signature(mimi.decode_step).parameters
 
-    def run(rows: int, states: int, compiled: bool):
+    def run(rows: int, states: int, compiled: bool, model: Mimi = mimi):
         option = {"compiled": compiled} if has_option else {}
 
         def go():
-            made = [mimi.make_state(rows) for _ in range(states)]
+            made = [model.make_state(rows) for _ in range(states)]
             for t in range(frames):
-                out = [mimi.decode_step(codes[i * rows : (i + 1) * rows, :, t : t + 1], state, check_range=False,
-                                        **option) for i, state in enumerate(made)]  # fmt: skip
+                out = [model.decode_step(codes[i * rows : (i + 1) * rows, :, t : t + 1], state, check_range=False,
+                                         **option) for i, state in enumerate(made)]  # fmt: skip
                 mx.eval(out)
 
         return best_of(go, repeats) / frames
@@ -130,6 +132,11 @@ def mlx_streaming(mimi: Mimi, frames: int, batch: int, repeats: int) -> list[tup
         return rows + ([(f"decode_step, batch {batch}", run(batch, 1, False), batch),
                         (f"{batch} x batch 1", run(1, batch, False), batch)] if batch > 1 else [])  # fmt: skip
     rows = [("compiled, batch 1", run(1, 1, True), 1), ("op by op, batch 1", run(1, 1, False), 1)]
+    if fused.active():  # CUDA: the same step with MLX's SDPA instead of the fused window attention
+        plain = Mimi(mimi.args, mimi.num_codebooks)
+        plain.update(mimi.parameters())
+        with fused.fused_kernels(False):  # a second Mimi: its step is traced inside the block
+            rows.append(("compiled, batch 1, SDPA", run(1, 1, True, plain), 1))
     if batch > 1:
         rows += [(f"compiled, batch {batch}", run(batch, 1, True), batch),
                  (f"op by op, batch {batch}", run(batch, 1, False), batch),
