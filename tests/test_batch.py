@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 pytest.importorskip("torch")
@@ -51,6 +52,22 @@ def manifest(out: Path) -> list[dict]:
 
 def files(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+#: Lines sampled at a temperature above 0 (the default 0.9 included).
+SAMPLED = {f"{line['id']}.wav" for line in LINES if line.get("temperature", 0.9) > 0}
+
+
+def assert_same_audio(got: dict[str, bytes], want: dict[str, bytes]) -> None:
+    """The same files, byte for byte. On a GPU a sampled line may be made in a batch of another size
+    than the reference's (other --slots, a resumed run's fewer lines in flight); a batched matmul
+    there rounds differently from a smaller one, which can flip a sampled token of the tiny model
+    (the engine's contract: ``test_engine.test_busy_batch_equals_solo``). There sampled lines must
+    have the same length; greedy lines stay byte for byte."""
+    assert got.keys() == want.keys()
+    exact = got.keys() if mx.default_device() == mx.cpu else got.keys() - SAMPLED
+    assert {k: got[k] for k in exact} == {k: want[k] for k in exact}
+    assert {k: len(got[k]) for k in got} == {k: len(want[k]) for k in want}
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +118,8 @@ def test_interrupted_run_resumes_to_the_same_files(model_dir, reference, tmp_pat
     assert proc.returncode == 0, err
     assert {i: (out / first[i]["path"]).stat().st_mtime_ns for i in first} == stamps  # not redone
     assert manifest(out) == manifest(ref_out)[: len(LINES)]
-    reference_files = files(ref_out)
-    assert {k: v for k, v in files(out).items() if k != "manifest.jsonl"} == {
-        k: v for k, v in reference_files.items() if k != "manifest.jsonl"}
+    reference_files = {k: v for k, v in files(ref_out).items() if k != "manifest.jsonl"}
+    assert_same_audio({k: v for k, v in files(out).items() if k != "manifest.jsonl"}, reference_files)
 
 
 def test_ray_two_local_workers_equal_one_process(model_dir, reference, tmp_path):
@@ -116,4 +132,4 @@ def test_ray_two_local_workers_equal_one_process(model_dir, reference, tmp_path)
     print(f"\nbatch --ray with 2 local workers: {time.perf_counter() - started:.1f} s in all")
     assert proc.returncode == 1, err
     assert manifest(out) == manifest(ref_out)
-    assert files(out) == files(ref_out)
+    assert_same_audio(files(out), files(ref_out))
