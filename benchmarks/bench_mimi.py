@@ -16,7 +16,7 @@ MLX alone (``--batch B``, always printed; ``--mlx-only`` skips PyTorch): streami
 step with the compiled step (the default of ``decode_step``) and op by op, at batch 1, at batch
 B (B streams in one state, per step and per stream-frame), and B batch-1 states stepped one after
 the other (what the serving engine did before it batched its rows). On CUDA, also the compiled
-batch-1 step with MLX's SDPA in place of the fused window attention (``CSM_FUSED_KERNELS``).
+batch-1 step with the fused window attention and with MLX's SDPA, steps alternating in one process.
 
 CPU: ``python benchmarks/bench_mimi.py``; CUDA: ``python benchmarks/bench_mimi.py --torch-device cuda``.
 """
@@ -115,14 +115,14 @@ def mlx_streaming(mimi: Mimi, frames: int, batch: int, repeats: int) -> list[tup
     # An older checkout's decode_step has no compiled option: its one variant is timed ("before" runs).
     has_option = "compiled" in inspect.signature(mimi.decode_step).parameters
 
-    def run(rows: int, states: int, compiled: bool, model: Mimi = mimi):
+    def run(rows: int, states: int, compiled: bool):
         option = {"compiled": compiled} if has_option else {}
 
         def go():
-            made = [model.make_state(rows) for _ in range(states)]
+            made = [mimi.make_state(rows) for _ in range(states)]
             for t in range(frames):
-                out = [model.decode_step(codes[i * rows : (i + 1) * rows, :, t : t + 1], state, check_range=False,
-                                         **option) for i, state in enumerate(made)]  # fmt: skip
+                out = [mimi.decode_step(codes[i * rows : (i + 1) * rows, :, t : t + 1], state, check_range=False,
+                                        **option) for i, state in enumerate(made)]  # fmt: skip
                 mx.eval(out)
 
         return best_of(go, repeats) / frames
@@ -132,16 +132,33 @@ def mlx_streaming(mimi: Mimi, frames: int, batch: int, repeats: int) -> list[tup
         return rows + ([(f"decode_step, batch {batch}", run(batch, 1, False), batch),
                         (f"{batch} x batch 1", run(1, batch, False), batch)] if batch > 1 else [])  # fmt: skip
     rows = [("compiled, batch 1", run(1, 1, True), 1), ("op by op, batch 1", run(1, 1, False), 1)]
-    if fused.active():  # CUDA: the same step with MLX's SDPA instead of the fused window attention
-        plain = Mimi(mimi.args, mimi.num_codebooks)
-        plain.update(mimi.parameters())
-        with fused.fused_kernels(False):  # a second Mimi: its step is traced inside the block
-            rows.append(("compiled, batch 1, SDPA", run(1, 1, True, plain), 1))
+    if fused.active():
+        rows += fused_vs_sdpa(mimi, codes[:1], steps=max(4 * frames, 100))
     if batch > 1:
         rows += [(f"compiled, batch {batch}", run(batch, 1, True), batch),
                  (f"op by op, batch {batch}", run(batch, 1, False), batch),
                  (f"{batch} x compiled batch 1", run(1, batch, True), batch)]  # fmt: skip
     return rows
+
+
+def fused_vs_sdpa(mimi: Mimi, codes: mx.array, steps: int) -> list[tuple[str, float, int]]:
+    """CUDA: the compiled batch-1 step with the fused window attention and with MLX's SDPA (a second
+    Mimi on the same weights, traced with the fused kernels off), steps alternating in one process
+    (which goes first swaps every step); the median of each."""
+    plain = Mimi(mimi.args, mimi.num_codebooks)
+    plain.update(mimi.parameters())
+    pairs = [(mimi, mimi.make_state(1), []), (plain, plain.make_state(1), [])]
+    with fused.fused_kernels(False):
+        mx.eval(plain.decode_step(codes[:, :, :1], pairs[1][1], check_range=False))  # traced here
+    mx.eval(mimi.decode_step(codes[:, :, :1], pairs[0][1], check_range=False))
+    for t in range(1, steps + 1):
+        frame = codes[:, :, t % codes.shape[-1] : t % codes.shape[-1] + 1]
+        for model, state, times in pairs if t % 2 else pairs[::-1]:
+            start = time.perf_counter()
+            mx.eval(model.decode_step(frame, state, check_range=False))
+            times.append(time.perf_counter() - start)
+    return [(f"{label} (alternating)", float(np.median(times[steps // 10 :])), 1)
+            for label, (_, _, times) in zip(("compiled, fused attention", "compiled, MLX SDPA"), pairs)]  # fmt: skip
 
 
 def print_mlx_streaming(rows: list[tuple[str, float, int]], frames: int) -> None:
