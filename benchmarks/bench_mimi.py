@@ -163,9 +163,9 @@ def fused_vs_sdpa(mimi: Mimi, codes: mx.array, steps: int) -> list[tuple[str, fl
 
 def print_mlx_streaming(rows: list[tuple[str, float, int]], frames: int) -> None:
     print(f"MLX streaming decode ({frames} frames, {mx.default_device()}):")
-    print(f"{'variant':<26} {'ms/step':>9} {'ms/stream-frame':>16}")
+    print(f"{'variant':<40} {'ms/step':>9} {'ms/stream-frame':>16}")
     for label, seconds, streams in rows:
-        print(f"{label:<26} {1e3 * seconds:>9.2f} {1e3 * seconds / streams:>16.2f}")
+        print(f"{label:<40} {1e3 * seconds:>9.2f} {1e3 * seconds / streams:>16.2f}")
 
 
 def random_mimi(seed: int, tiny: bool) -> Mimi:

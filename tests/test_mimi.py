@@ -289,7 +289,8 @@ def count_calls(monkeypatch, kernel) -> list[int]:
 
 def test_streamed_attention_routes_through_the_fused_kernel(ours, codes, monkeypatch):
     """Any device: where the fused kernels are active, each layer of a streamed step attends through
-    ``fused.attend_masked`` (stood in here by its contract in MLX ops) and the audio is unchanged."""
+    ``fused.attend_masked`` (stood in here by its contract in MLX ops, so this checks the routing and
+    the plumbing, not the kernel) and the audio is unchanged."""
     plain = stream(ours, codes, compiled=False)
     monkeypatch.setattr(fused, "active", lambda: True)
     calls = count_calls(monkeypatch, ops_attend_masked)
@@ -305,11 +306,12 @@ def test_fused_window_attention_equals_mlx_sdpa(ours, codes, monkeypatch):
     with fused.fused_kernels(False):
         plain = stream(ours, codes, compiled=False)
     calls = count_calls(monkeypatch, fused.attend_masked)
-    kernel = stream(ours, codes, compiled=False)
-    assert calls[0] == FRAMES * TINY["num_hidden_layers"]
-    scale = np.abs(plain).max()
-    np.testing.assert_allclose(kernel, plain, atol=STREAM_ATOL * scale)
-    np.testing.assert_allclose(stream(ours, codes), plain, atol=STREAM_ATOL * scale)
+    with fused.fused_kernels(True):
+        kernel = stream(ours, codes, compiled=False)
+        assert calls[0] == FRAMES * TINY["num_hidden_layers"]
+        scale = np.abs(plain).max()
+        np.testing.assert_allclose(kernel, plain, atol=STREAM_ATOL * scale)
+        np.testing.assert_allclose(stream(ours, codes), plain, atol=STREAM_ATOL * scale)
 
 
 def test_batched_rows_equal_solo_streams(ours):
@@ -428,10 +430,18 @@ def test_strided_conv_streams(pad_mode):
 def test_dilated_and_pointwise_conv_streams(kernel_size, dilation):
     """The streamed conv (one GEMM over unfolded windows) equals the one-shot ``mx.conv1d``, dilated too."""
     conv = StreamingConv1d(3, 5, kernel_size, dilation=dilation)
+    conv.conv.bias = mx.random.normal((5,), key=mx.random.key(2))  # MLX initialises it to zeros
     x = mx.random.normal((2, 24, 3), key=mx.random.key(1))
     state = conv.initial_state(2)
     steps = mx.concatenate([conv.step(x[:, t : t + 2], state) for t in range(0, 24, 2)], axis=1)
     np.testing.assert_allclose(np.array(steps), np.array(conv(x)), atol=CONV_ATOL)
+
+
+def test_unpadded_strided_conv_step_takes_a_strided_view():
+    """Kernel = stride (no carry): the step convolves its input as given, a non-contiguous view too."""
+    conv = StreamingConv1d(1, 4, 2, stride=2)
+    x = mx.random.normal((1, 8, 3), key=mx.random.key(3))[..., :1]
+    np.testing.assert_allclose(np.array(conv.step(x, ConvState())), np.array(conv(x)), atol=CONV_ATOL)
 
 
 def test_rotate_is_rope_on_q_and_k_only():

@@ -33,17 +33,19 @@ def conv1d_gemm(x: mx.array, conv: nn.Conv1d) -> mx.array:
 
     A streamed step convolves a few columns: there one GEMM (the windows are a strided view, copied
     once) costs far less than a convolution call, which on CUDA is a cuDNN launch with layout
-    transposes of the input and the weight around it (and host work per call). One-shot calls keep
-    ``mx.conv1d``: the unfolded copy grows with the signal (k x its size).
+    transposes of the input and the weight around it (and host work per call). One-shot convolutions
+    keep ``mx.conv1d``: the unfolded copy grows with the signal (k x its size); 1x1 ones copy nothing.
     """
     c_out, k, c_in = conv.weight.shape
-    batch, length, _ = x.shape
+    batch, length, channels = x.shape
+    if conv.groups != 1 or conv.padding or channels != c_in:
+        return conv(x)  # not the plain case this serves
     stride, dilation = conv.stride, conv.dilation
     steps = (length - dilation * (k - 1) - 1) // stride + 1
     if k == 1 and stride == 1:
         windows = x
     else:
-        windows = mx.as_strided(x, (batch, steps, k, c_in), (length * c_in, stride * c_in, dilation * c_in, 1))
+        windows = mx.as_strided(mx.contiguous(x), (batch, steps, k, c_in), (length * c_in, stride * c_in, dilation * c_in, 1))
         windows = windows.reshape(batch, steps, k * c_in)
     weight = conv.weight.reshape(c_out, k * c_in).T  # a transposed view: the GEMM reads it as is
     return mx.addmm(conv.bias, windows, weight) if "bias" in conv else windows @ weight

@@ -21,8 +21,9 @@ device functions (``HEADER``).
 
 Every kernel rounds where the MLX ops round (matmul outputs, the normalised input, SiLU) and
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
-are used for bfloat16 weights only (float16 builds too, untested on a GPU): float32, the dtype the parity tests run in, keeps the
-MLX ops (:data:`DTYPES`). Metal and the CPU always use the MLX ops; nothing here is compiled
+are used for CSM's bfloat16 weights only (float16 builds too, untested on a GPU): float32, the dtype the parity tests run in, keeps the
+MLX ops (:data:`DTYPES`). One exception: Mimi's streamed window attention (float32) goes through
+``attend_masked`` (``csm.codec.transformer.attends_fused``). Metal and the CPU always use the MLX ops; nothing here is compiled
 until a CUDA step asks for it.
 
 Status: **on by default** on CUDA (``CSM_FUSED_KERNELS=0`` turns it off). Measured on an H200
@@ -367,7 +368,8 @@ _ATTEND_OUT = r"""
   if (row < D) out_row<T, B, H * HD, D, false>(w, row, att, res, out);
 """
 
-# A long cache (the backbone's): one block per (row, head); scores for every masked-in position in
+# A long cache (the backbone's), or Mimi's streamed window (several queries a row): one block per
+# (row, query, head); scores for every masked-in position in
 # shared memory. Rounds where MLX's SDPA fallback rounds: q * scale, the scores and the
 # probabilities are stored in T; softmax as MLX's (``__expf(s - max) * (1 / sum)``).
 _ATTEND_MASKED = r"""
