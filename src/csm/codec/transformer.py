@@ -23,32 +23,6 @@ import numpy as np
 
 from ..models import fused
 
-#: Dtypes the fused attention kernel serves here (Mimi runs in float32 by default).
-_FUSED_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
-
-
-#: Most queries a row the fused attention takes: each (row, query, head) block reads the whole
-#: window, so long one-shot-like chunks are cheaper through SDPA's GEMMs.
-_FUSED_MAX_QUERIES = 8
-
-
-def attends_fused(q: mx.array, keys: mx.array, mask: mx.array) -> bool:
-    """Whether a streamed step's attention takes the fused CUDA kernel (``fused.attend_masked``).
-
-    On MLX's CUDA backend (``CSM_FUSED_KERNELS`` not 0) a few-query window step goes through
-    MLX's SDPA fallback: five kernels a layer (scale, two GEMMs, select, softmax), then a copy to
-    put the heads side by side, each also paying host time. The kernel is one launch and writes the heads side by
-    side, as the output projection reads them. Metal and the CPU keep ``mx.fast`` SDPA.
-    """
-    batch, _, queries, head_dim = q.shape
-    positions = keys.shape[2]
-    return (
-        fused.active() and q.dtype in _FUSED_DTYPES and keys.dtype == q.dtype and mask.dtype == mx.bool_
-        and mask.shape == (batch, 1, queries, positions) and queries <= _FUSED_MAX_QUERIES
-        and positions <= fused.MAX_MASKED and head_dim % 8 == 0 and fused.ATTEND_THREADS % head_dim == 0
-    )
-
-
 class WindowKVCache:
     """Keys/values of the last ``window - 1`` positions: all a causal window of ``window`` keys
     needs before the next chunk. Memory stays bounded however long the stream runs."""
@@ -165,7 +139,7 @@ class Attention(nn.Module):
         kv, mask = cache.update_and_fetch(qkv[1:])
         # ``a[i, ...]``, not ``a[i]``: MLX turns a lone integer index into a gather (a copy kernel).
         q, keys, values = qkv[0, ...], kv[0, ...], kv[1, ...]
-        if attends_fused(q, keys, mask):
+        if fused.attends_window(q, keys, mask):
             return self.o_proj(fused.attend_masked(q, keys, values, mask.reshape(batch, length, -1)))
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

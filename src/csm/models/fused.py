@@ -23,7 +23,7 @@ Every kernel rounds where the MLX ops round (matmul outputs, the normalised inpu
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
 are used for CSM's bfloat16 weights only (float16 builds too, untested on a GPU): float32, the dtype the parity tests run in, keeps the
 MLX ops (:data:`DTYPES`). One exception: Mimi's streamed window attention (float32) goes through
-``attend_masked`` (``csm.codec.transformer.attends_fused``). Metal and the CPU always use the MLX ops; nothing here is compiled
+``attend_masked`` (:func:`attends_window`). Metal and the CPU always use the MLX ops; nothing here is compiled
 until a CUDA step asks for it.
 
 Status: **on by default** on CUDA (``CSM_FUSED_KERNELS=0`` turns it off). Measured on an H200
@@ -580,6 +580,30 @@ def attends_masked(mask: object, rows: int) -> bool:
     return (
         isinstance(mask, mx.array) and mask.dtype == mx.bool_ and mask.ndim == 4 and mask.shape[:3] == (rows, 1, 1)
         and mask.shape[3] <= MAX_MASKED
+    )
+
+
+#: Dtypes :func:`attends_window` admits (Mimi runs in float32).
+_WINDOW_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+#: Most queries a row :func:`attends_window` admits: each (row, query, head) block reads the whole
+#: window, so long one-shot-like chunks are cheaper through SDPA's GEMMs.
+MAX_WINDOW_QUERIES = 8
+
+
+def attends_window(q: mx.array, keys: mx.array, mask: mx.array) -> bool:
+    """Whether a streamed window step (Mimi's transformer: q (B, H, Q, hd), keys (B, KV, S, hd), a
+    (B, 1, Q, S) boolean mask) suits :func:`attend_masked`, on an active fused path.
+
+    There MLX's SDPA falls back for a few queries: five kernels a layer (scale, two GEMMs, select,
+    softmax), then a copy to put the heads side by side, each also paying host time. The kernel is
+    one launch and writes the heads side by side, as the output projection reads them.
+    """
+    batch, _, queries, head_dim = q.shape
+    positions = keys.shape[2]
+    return (
+        active() and q.dtype in _WINDOW_DTYPES and keys.dtype == q.dtype and mask.dtype == mx.bool_
+        and mask.shape == (batch, 1, queries, positions) and queries <= MAX_WINDOW_QUERIES
+        and positions <= MAX_MASKED and head_dim % 8 == 0 and ATTEND_THREADS % head_dim == 0
     )
 
 
