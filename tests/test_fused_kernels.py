@@ -25,6 +25,8 @@ from csm.models import fused, fused_stack
 from csm.models.cache import KVCache, StepKV
 from csm.models.llama import Llama, LlamaArgs, TransformerLayer
 
+from attention_contract import attend_masked_in_ops
+
 needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="fused kernels run on MLX's CUDA backend only")
 
 DECODER = LlamaArgs(num_layers=1, embed_dim=512, num_heads=8, num_kv_heads=2, intermediate_dim=1024, head_dim=64)
@@ -97,10 +99,7 @@ def test_attend_masked_several_queries_equals_sdpa(heads, kv_heads, head_dim):
     mask = mx.random.uniform(shape=(batch, queries, length), key=k4) < 0.6
     mask[:, :, 7] = True  # every query sees something
     got = fused.attend_masked(q, keys, values, mask)
-    want = mx.fast.scaled_dot_product_attention(
-        q, keys[:, :, :length], values[:, :, :length], scale=head_dim**-0.5, mask=mask[:, None]
-    )
-    want = want.transpose(0, 2, 1, 3).reshape(batch, queries, heads * head_dim)
+    want = attend_masked_in_ops(q, keys, values, mask)
     assert got.shape == want.shape
     print(f"measured: {rel_err(got, want):.2e}")
     assert rel_err(got, want) < FLOAT32_BOUND
@@ -349,13 +348,7 @@ class OpsKernels:
         out = mx.fast.scaled_dot_product_attention(q[:, :, None], keys[:, :, :n], values[:, :, :n], scale=q.shape[-1] ** -0.5)
         return out.reshape(q.shape[0], -1) @ w.T + residual
 
-    @staticmethod
-    def attend_masked(q, keys, values, mask):
-        L = mask.shape[1]
-        out = mx.fast.scaled_dot_product_attention(
-            q[:, :, None], keys[:, :, :L], values[:, :, :L], scale=q.shape[-1] ** -0.5, mask=mask[:, None, None, :]
-        )
-        return out.reshape(q.shape[0], -1)
+    attend_masked = staticmethod(attend_masked_in_ops)
 
     @staticmethod
     def norm_gate_up(x, scale, eps, w13):

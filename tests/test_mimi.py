@@ -28,6 +28,7 @@ from csm.codec.transformer import WindowState, rope_tables, rotate
 from csm.models import fused
 from csm.weights.io import WeightsError, torch_to_mlx
 
+from attention_contract import attend_masked_in_ops
 from batched_rows import assert_same_as_solo
 
 torch.set_num_threads(1)
@@ -269,13 +270,6 @@ def test_compiled_step_equals_op_by_op(ours, codes):
     np.testing.assert_allclose(stream(ours, codes), stream(ours, codes, compiled=False), atol=STREAM_ATOL * scale)
 
 
-def ops_attend_masked(q, keys, values, mask):
-    """``fused.attend_masked``'s contract for several queries a row, in MLX ops: q (B, H, Q, hd),
-    mask (B, Q, L) -> (B, Q, H * hd), the heads side by side."""
-    out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=q.shape[-1] ** -0.5, mask=mask[:, None])
-    return out.transpose(0, 2, 1, 3).reshape(q.shape[0], q.shape[2], -1)
-
-
 def count_calls(monkeypatch, kernel) -> list[int]:
     calls = [0]
 
@@ -293,7 +287,7 @@ def test_streamed_attention_routes_through_the_fused_kernel(ours, codes, monkeyp
     the plumbing, not the kernel) and the audio is unchanged."""
     plain = stream(ours, codes, compiled=False)
     monkeypatch.setattr(fused, "active", lambda: True)
-    calls = count_calls(monkeypatch, ops_attend_masked)
+    calls = count_calls(monkeypatch, attend_masked_in_ops)
     routed = stream(ours, codes, compiled=False)
     assert calls[0] == FRAMES * TINY["num_hidden_layers"]
     np.testing.assert_allclose(routed, plain, atol=STREAM_ATOL * np.abs(plain).max())
