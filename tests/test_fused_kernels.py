@@ -25,7 +25,7 @@ from csm.models import fused, fused_stack
 from csm.models.cache import KVCache, StepKV
 from csm.models.llama import Llama, LlamaArgs, TransformerLayer
 
-from attention_contract import attend_masked_in_ops
+from attention_contract import attend_masked_in_ops, attend_window_in_ops
 
 needs_cuda = pytest.mark.skipif(not mx.cuda.is_available(), reason="fused kernels run on MLX's CUDA backend only")
 
@@ -103,6 +103,27 @@ def test_attend_masked_several_queries_equals_sdpa(heads, kv_heads, head_dim):
     assert got.shape == want.shape
     print(f"measured: {rel_err(got, want):.2e}")
     assert rel_err(got, want) < FLOAT32_BOUND
+
+
+@needs_cuda
+@pytest.mark.parametrize("heads,kv_heads,head_dim,queries,past", [(8, 8, 64, 2, 249), (4, 2, 32, 3, 300), (8, 8, 64, 1, 7)])
+def test_attend_window_equals_concatenated_sdpa(heads, kv_heads, head_dim, queries, past):
+    """Mimi's streamed window step: the kernel reading [past, fresh] where they lie equals MLX's SDPA
+    over their concatenation, and the window it moves on is that concatenation's last ``past``
+    positions, bit for bit."""
+    batch = 2
+    k1, k2, k3, k4 = mx.random.split(mx.random.key(6), 4)
+    q = mx.random.normal((batch, heads, queries, head_dim), key=k1)
+    carried = mx.random.normal((2, batch, kv_heads, past, head_dim), key=k2)
+    fresh = mx.random.normal((2, batch, kv_heads, queries, head_dim), key=k3)
+    mask = mx.random.uniform(shape=(batch, queries, past + queries), key=k4) < 0.6
+    mask[:, :, -1] = True  # every query sees something
+    got, moved = fused.attend_window(q, carried, fresh, mask)
+    want, want_moved = attend_window_in_ops(q, carried, fresh, mask)
+    assert got.shape == want.shape
+    print(f"measured: {rel_err(got, want):.2e}")
+    assert rel_err(got, want) < FLOAT32_BOUND
+    np.testing.assert_array_equal(np.array(moved), np.array(want_moved))
 
 
 @needs_cuda

@@ -28,7 +28,7 @@ from csm.codec.transformer import WindowState, rope_tables, rotate
 from csm.models import fused
 from csm.weights.io import WeightsError, torch_to_mlx
 
-from attention_contract import attend_masked_in_ops
+from attention_contract import attend_window_in_ops
 from batched_rows import assert_same_as_solo
 
 torch.set_num_threads(1)
@@ -277,17 +277,17 @@ def count_calls(monkeypatch, kernel) -> list[int]:
         calls[0] += 1
         return kernel(*args)
 
-    monkeypatch.setattr(fused, "attend_masked", counted)
+    monkeypatch.setattr(fused, "attend_window", counted)
     return calls
 
 
 def test_streamed_attention_routes_through_the_fused_kernel(ours, codes, monkeypatch):
     """Any device: where the fused kernels are active, each layer of a streamed step attends through
-    ``fused.attend_masked`` (stood in here by its contract in MLX ops, so this checks the routing and
-    the plumbing, not the kernel) and the audio is unchanged."""
+    ``fused.attend_window`` (stood in here by its contract in MLX ops, so this checks the routing and
+    the plumbing, not the kernel) and the audio is unchanged, the window moving on step by step."""
     plain = stream(ours, codes, compiled=False)
     monkeypatch.setattr(fused, "active", lambda: True)
-    calls = count_calls(monkeypatch, attend_masked_in_ops)
+    calls = count_calls(monkeypatch, attend_window_in_ops)
     routed = stream(ours, codes, compiled=False)
     assert calls[0] == FRAMES * TINY["num_hidden_layers"]
     np.testing.assert_allclose(routed, plain, atol=STREAM_ATOL * np.abs(plain).max())
@@ -299,7 +299,7 @@ def test_fused_window_attention_equals_mlx_sdpa(ours, codes, monkeypatch):
     through MLX's SDPA, op by op and compiled."""
     with fused.fused_kernels(False):
         plain = stream(ours, codes, compiled=False)
-    calls = count_calls(monkeypatch, fused.attend_masked)
+    calls = count_calls(monkeypatch, fused.attend_window)
     with fused.fused_kernels(True):
         kernel = stream(ours, codes, compiled=False)
         assert calls[0] == FRAMES * TINY["num_hidden_layers"]
@@ -452,9 +452,11 @@ def test_rotate_is_rope_on_q_and_k_only():
     np.testing.assert_array_equal(np.array(got[2]), np.array(split[2]))
 
 
+@fused.fused_kernels(False)
 def test_streamed_transformer_step_kernels():
-    """The traced transformer step keeps its kernel-lean shape: one concatenate per layer (keys and
-    values in one buffer), RoPE tables once per step, no arange and no gather (an ``a[i]`` index)."""
+    """The traced transformer step of the MLX ops (Metal, the CPU, CUDA with the fused kernels off)
+    keeps its kernel-lean shape: one concatenate per layer (keys and values in one buffer), RoPE
+    tables once per step, no arange and no gather (an ``a[i]`` index)."""
     mimi = Mimi(MimiArgs.from_dict(MimiConfig(**TINY).to_dict()), NUM_CODEBOOKS)
     transformer, state = mimi.decoder_transformer, mimi.make_state(1).transformer
 

@@ -10,7 +10,9 @@ RoPE), so one RoPE convention serves both layouts.
 Kernel count matters more than FLOPs here (a streamed frame is 2 steps at batch 1): the RoPE
 tables are built once per call for all layers, one element-wise kernel per layer rotates q and k
 and passes v through, and keys and values live in one (2, B, H, T, D) array, so the window
-cache is extended by one concatenation per layer instead of two.
+cache is extended by one concatenation per layer instead of two. On CUDA a streamed step's
+attention is one kernel a layer (``fused.attend_window``), which also moves the window on: no
+concatenation at all.
 """
 
 from __future__ import annotations
@@ -136,11 +138,13 @@ class Attention(nn.Module):
     def __call__(self, x: mx.array, cache: WindowKVCache | SlidingKV, tables: tuple[mx.array, mx.array]) -> mx.array:
         batch, length, _ = x.shape
         qkv = rotate(self.in_proj(x), tables, self.num_heads)  # (3, B, H, L, D)
-        kv, mask = cache.update_and_fetch(qkv[1:])
         # ``a[i, ...]``, not ``a[i]``: MLX turns a lone integer index into a gather (a copy kernel).
-        q, keys, values = qkv[0, ...], kv[0, ...], kv[1, ...]
-        if fused.attends_window(q, keys, mask):
-            return self.o_proj(fused.attend_masked(q, keys, values, mask.reshape(batch, length, -1)))
+        q = qkv[0, ...]
+        if isinstance(cache, SlidingKV) and fused.attends_window(q, cache.kv, cache.mask):
+            out, cache.kv = fused.attend_window(q, cache.kv, qkv[1:], cache.mask.reshape(batch, length, -1))
+            return self.o_proj(out)
+        kv, mask = cache.update_and_fetch(qkv[1:])
+        keys, values = kv[0, ...], kv[1, ...]
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 

@@ -23,7 +23,7 @@ Every kernel rounds where the MLX ops round (matmul outputs, the normalised inpu
 accumulates in float32, so results differ from the op-by-op path by accumulation order only. They
 are used for CSM's bfloat16 weights only (float16 builds too, untested on a GPU): float32, the dtype the parity tests run in, keeps the
 MLX ops (:data:`DTYPES`). One exception: Mimi's streamed window attention (float32) goes through
-``attend_masked`` (:func:`attends_window`). Metal and the CPU always use the MLX ops; nothing here is compiled
+:func:`attend_window` (:func:`attends_window`), the same kernel reading a window in two parts. Metal and the CPU always use the MLX ops; nothing here is compiled
 until a CUDA step asks for it.
 
 Status: **on by default** on CUDA (``CSM_FUSED_KERNELS=0`` turns it off). Measured on an H200
@@ -372,7 +372,7 @@ _ATTEND_OUT = r"""
 # (row, query, head); scores for every masked-in position in
 # shared memory. Rounds where MLX's SDPA fallback rounds: q * scale, the scores and the
 # probabilities are stored in T; softmax as MLX's (``__expf(s - max) * (1 / sum)``).
-_ATTEND_MASKED = r"""
+_ATTEND_HEAD = r"""
   __shared__ float scores[L];
   __shared__ float qs[HD];
   __shared__ float part[NT / HD][HD];
@@ -380,9 +380,29 @@ _ATTEND_MASKED = r"""
   constexpr int G = H / KV, V16 = 16 / sizeof(T);
   // One block per (row b, query i, head h); q is (B, H, Q, HD), the mask (B, Q, L), out (B, Q, H * HD).
   const int block = blockIdx.x, b = block / (Q * H), i = (block / H) % Q, h = block % H, tid = threadIdx.x;
-  const T* kb = k + (size_t)(b * KV + h / G) * S * HD;
-  const T* vb = v + (size_t)(b * KV + h / G) * S * HD;
+  const size_t head = (size_t)(b * KV + h / G);
   const bool* mask = mask_all + (size_t)(b * Q + i) * L;
+"""
+
+# Keys and values of position p: rows of whole cache buffers k, v (B, KV, S, HD).
+_CACHE_ROWS = r"""
+  const T* kb = k + head * S * HD;
+  const T* vb = v + head * S * HD;
+  auto key_at = [&](int p) { return kb + (size_t)p * HD; };
+  auto value_at = [&](int p) { return vb + (size_t)p * HD; };
+"""
+
+# Mimi's window: positions p < P are the carried ``past`` (2, B, KV, P, HD) (keys, then values),
+# the rest this step's ``fresh`` (2, B, KV, Q, HD): no concatenated copy to read.
+_WINDOW_ROWS = r"""
+  const size_t values_at = (size_t)B * KV;
+  auto key_at = [&](int p) { return p < P ? past + (head * P + p) * HD : fresh + (head * Q + p - P) * HD; };
+  auto value_at = [&](int p) {
+    return p < P ? past + ((values_at + head) * P + p) * HD : fresh + ((values_at + head) * Q + p - P) * HD;
+  };
+"""
+
+_ATTEND_BODY = r"""
   const float scale = rsqrtf(static_cast<float>(HD));
   for (int d = tid; d < HD; d += NT) qs[d] = rnd<T>(f32<T>(q[((size_t)(b * H + h) * Q + i) * HD + d]) * rnd<T>(scale));
   __syncthreads();
@@ -392,7 +412,7 @@ _ATTEND_MASKED = r"""
     if (mask[p]) {
       float dot = 0.f;
       for (int d0 = 0; d0 < HD; d0 += V16) {
-        const Pack<T> kv = *reinterpret_cast<const Pack<T>*>(kb + (size_t)p * HD + d0);
+        const Pack<T> kv = *reinterpret_cast<const Pack<T>*>(key_at(p) + d0);
 #pragma unroll
         for (int j = 0; j < V16; ++j) dot += qs[d0 + j] * f32<T>(kv.v[j]);
       }
@@ -418,7 +438,7 @@ _ATTEND_MASKED = r"""
   const int d = tid % HD, group = tid / HD;
   float o = 0.f;
 #pragma unroll 8
-  for (int p = first + group; p <= last; p += NT / HD) o += scores[p] * f32<T>(vb[(size_t)p * HD + d]);
+  for (int p = first + group; p <= last; p += NT / HD) o += scores[p] * f32<T>(value_at(p)[d]);
   part[group][d] = o;
   __syncthreads();
   if (group == 0) {
@@ -426,6 +446,28 @@ _ATTEND_MASKED = r"""
     out[((size_t)(b * Q + i) * H + h) * HD + d] = to<T>(o);
   }
 """
+
+# The window moves on: ``moved`` (2, B, KV, P, HD) holds positions Q .. P + Q - 1 of [past, fresh].
+# Blocks past the attention's B * Q * H copy it, 16 bytes a thread a turn, and leave. (Spread over
+# the attention's own few blocks, the copy lengthened the step: on an H200 it was then no faster
+# than the two concatenation kernels it replaces; with copy blocks, 1.79-2.49 ms against 1.87-2.68
+# ms a Mimi step in four alternating runs, 172 launches a step instead of 188.)
+_WINDOW_MOVE = r"""
+  if (blockIdx.x >= B * Q * H) {
+    constexpr int V = 16 / sizeof(T);
+    for (size_t e = (size_t)(blockIdx.x - B * Q * H) * NT + threadIdx.x; e < (size_t)2 * B * KV * P * (HD / V);
+         e += (size_t)MOVERS * NT) {
+      const size_t row = e / (HD / V), plane = row / P;  // plane: kind (keys, values) * B * KV + head
+      const int p = row % P + Q, d0 = (e % (HD / V)) * V;
+      const T* from = p < P ? past + (plane * P + p) * HD : fresh + (plane * Q + p - P) * HD;
+      *reinterpret_cast<Pack<T>*>(moved + row * HD + d0) = *reinterpret_cast<const Pack<T>*>(from + d0);
+    }
+    return;
+  }
+"""
+
+_ATTEND_MASKED = _ATTEND_HEAD + _CACHE_ROWS + _ATTEND_BODY
+_ATTEND_WINDOW = _WINDOW_MOVE + _ATTEND_HEAD + _WINDOW_ROWS + _ATTEND_BODY
 
 _NORM_GATE_UP = r"""
   extern __shared__ __align__(16) unsigned char smem[];
@@ -590,21 +632,50 @@ _WINDOW_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 MAX_WINDOW_QUERIES = 8
 
 
-def attends_window(q: mx.array, keys: mx.array, mask: mx.array) -> bool:
-    """Whether a streamed window step (Mimi's transformer: q (B, H, Q, hd), keys (B, KV, S, hd), a
-    (B, 1, Q, S) boolean mask) suits :func:`attend_masked`, on an active fused path.
+def attends_window(q: mx.array, past: mx.array, mask: mx.array) -> bool:
+    """Whether a streamed window step (Mimi's transformer: q (B, H, Q, hd), the carried keys and
+    values ``past`` (2, B, KV, P, hd), a (B, 1, Q, P + Q) boolean mask) suits :func:`attend_window`,
+    on an active fused path.
 
     There MLX's SDPA falls back for a few queries: five kernels a layer (scale, two GEMMs, select,
-    softmax), then a copy to put the heads side by side, each also paying host time. The kernel is
-    one launch and writes the heads side by side, as the output projection reads them.
+    softmax), then a copy to put the heads side by side, each also paying host time, and the window
+    is concatenated first (two copies). The kernel is one launch: it reads the window where it lies,
+    writes the heads side by side, as the output projection reads them, and moves the window on.
     """
     batch, _, queries, head_dim = q.shape
-    positions = keys.shape[2]
+    positions = past.shape[3] + queries
     return (
-        active() and q.dtype in _WINDOW_DTYPES and keys.dtype == q.dtype and mask.dtype == mx.bool_
+        active() and q.dtype in _WINDOW_DTYPES and past.dtype == q.dtype and mask.dtype == mx.bool_
+        and past.ndim == 5 and past.shape[:2] == (2, batch) and past.shape[4] == head_dim
         and mask.shape == (batch, 1, queries, positions) and queries <= MAX_WINDOW_QUERIES
         and positions <= MAX_MASKED and head_dim % 8 == 0 and ATTEND_THREADS % head_dim == 0
     )
+
+
+def attend_window(q: mx.array, past: mx.array, fresh: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """One streamed window step: attention of q (B, H, Q, hd) over [past, fresh] positions where
+    ``mask`` (B, Q, P + Q) bool is True, ``past`` (2, B, KV, P, hd) being the carried keys and values
+    and ``fresh`` (2, B, KV, Q, hd) this step's.
+
+    Returns the attention (B, Q, H * hd), heads side by side, and the window moved on: positions
+    Q .. P + Q - 1 of [past, fresh], (2, B, KV, P, hd) — what concatenating and dropping the first Q
+    positions gives, without the concatenated copy.
+    """
+    B, H, Q, HD = q.shape
+    KV, P = past.shape[2], past.shape[3]
+    packs = past.size * past.itemsize // 16
+    movers = min(-(-packs // (4 * ATTEND_THREADS)), 256)  # copy blocks: ~4 packs a thread
+    template = [
+        ("T", q.dtype), ("B", B), ("H", H), ("KV", KV), ("HD", HD), ("P", P), ("L", P + Q), ("Q", Q),
+        ("NT", ATTEND_THREADS), ("MOVERS", movers),
+    ]
+    launch = kernel("csm_attend_window", ("q", "past", "fresh", "mask_all"), ("out", "moved"), _ATTEND_WINDOW, 0)
+    out, moved = launch(
+        inputs=[q, past, fresh, mask], template=template, grid=((B * Q * H + movers) * ATTEND_THREADS, 1, 1),
+        threadgroup=(ATTEND_THREADS, 1, 1), output_shapes=[(B, Q, H * HD), past.shape],
+        output_dtypes=[q.dtype, q.dtype],
+    )
+    return out, moved
 
 
 def attend_masked(q: mx.array, keys: mx.array, values: mx.array, mask: mx.array) -> mx.array:
