@@ -106,24 +106,50 @@ def test_attend_masked_several_queries_equals_sdpa(heads, kv_heads, head_dim):
 
 
 @needs_cuda
-@pytest.mark.parametrize("heads,kv_heads,head_dim,queries,past", [(8, 8, 64, 2, 249), (4, 2, 32, 3, 300), (8, 8, 64, 1, 7)])
-def test_attend_window_equals_concatenated_sdpa(heads, kv_heads, head_dim, queries, past):
+@pytest.mark.parametrize(
+    "batch,heads,kv_heads,head_dim,queries,past",
+    [(1, 8, 8, 64, 2, 249), (2, 4, 2, 32, 3, 300), (2, 8, 8, 64, 1, 7), (8, 8, 8, 64, 2, 249)],  # last: 256 copy blocks
+)
+def test_attend_window_equals_concatenated_sdpa(batch, heads, kv_heads, head_dim, queries, past):
     """Mimi's streamed window step: the kernel reading [past, fresh] where they lie equals MLX's SDPA
     over their concatenation, and the window it moves on is that concatenation's last ``past``
-    positions, bit for bit."""
-    batch = 2
+    positions, bit for bit. ``fresh`` is a view into a larger buffer, as Mimi passes it (``qkv[1:]``)."""
     k1, k2, k3, k4 = mx.random.split(mx.random.key(6), 4)
     q = mx.random.normal((batch, heads, queries, head_dim), key=k1)
     carried = mx.random.normal((2, batch, kv_heads, past, head_dim), key=k2)
-    fresh = mx.random.normal((2, batch, kv_heads, queries, head_dim), key=k3)
+    fresh = mx.random.normal((3, batch, kv_heads, queries, head_dim), key=k3)[1:]
     mask = mx.random.uniform(shape=(batch, queries, past + queries), key=k4) < 0.6
     mask[:, :, -1] = True  # every query sees something
+    assert fused.attends_window(q, carried, fresh, mask[:, None])
     got, moved = fused.attend_window(q, carried, fresh, mask)
     want, want_moved = attend_window_in_ops(q, carried, fresh, mask)
     assert got.shape == want.shape
     print(f"measured: {rel_err(got, want):.2e}")
     assert rel_err(got, want) < FLOAT32_BOUND
     np.testing.assert_array_equal(np.array(moved), np.array(want_moved))
+
+
+def test_attends_window_admits_only_what_the_kernel_serves(monkeypatch):
+    """Any device (the fused path forced active): Mimi's streamed shapes are admitted; a longer chunk,
+    another dtype, mismatched shapes, an empty window, or heads the kv heads do not divide are not."""
+    monkeypatch.setattr(fused, "active", lambda: True)
+
+    def case(batch=1, heads=8, kv_heads=8, head_dim=64, queries=2, past=249, dtype=mx.float32, fresh_queries=None):
+        q = mx.zeros((batch, heads, queries, head_dim), dtype)
+        carried = mx.zeros((2, batch, kv_heads, past, head_dim), dtype)
+        fresh = mx.zeros((2, batch, kv_heads, fresh_queries or queries, head_dim), dtype)
+        mask = mx.zeros((batch, 1, queries, past + queries), mx.bool_)
+        return fused.attends_window(q, carried, fresh, mask)
+
+    assert case() and case(batch=3, queries=1) and case(heads=8, kv_heads=2)
+    assert not case(queries=fused.MAX_WINDOW_QUERIES + 1)
+    assert not case(dtype=mx.bfloat16)
+    assert not case(fresh_queries=3)
+    assert not case(past=0)
+    assert not case(heads=6, kv_heads=4)
+    assert not case(head_dim=12)
+    monkeypatch.setattr(fused, "active", lambda: False)
+    assert not case()
 
 
 @needs_cuda

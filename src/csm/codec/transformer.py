@@ -139,11 +139,11 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         qkv = rotate(self.in_proj(x), tables, self.num_heads)  # (3, B, H, L, D)
         # ``a[i, ...]``, not ``a[i]``: MLX turns a lone integer index into a gather (a copy kernel).
-        q = qkv[0, ...]
-        if isinstance(cache, SlidingKV) and fused.attends_window(q, cache.kv, cache.mask):
-            out, cache.kv = fused.attend_window(q, cache.kv, qkv[1:], cache.mask.reshape(batch, length, -1))
+        q, fresh = qkv[0, ...], qkv[1:]
+        if isinstance(cache, SlidingKV) and fused.attends_window(q, cache.kv, fresh, cache.mask):
+            out, cache.kv = fused.attend_window(q, cache.kv, fresh, cache.mask.reshape(batch, length, -1))
             return self.o_proj(out)
-        kv, mask = cache.update_and_fetch(qkv[1:])
+        kv, mask = cache.update_and_fetch(fresh)
         keys, values = kv[0, ...], kv[1, ...]
         out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=self.head_dim**-0.5, mask=mask)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(batch, length, -1))

@@ -625,30 +625,36 @@ def attends_masked(mask: object, rows: int) -> bool:
     )
 
 
-#: Dtypes :func:`attends_window` admits (Mimi runs in float32).
-_WINDOW_DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+#: Dtypes :func:`attends_window` admits: Mimi runs in float32, the only dtype this kernel has been
+#: run in on a GPU (its bf16/f16 addressing is the backbone's, but untested here).
+_WINDOW_DTYPES = (mx.float32,)
 #: Most queries a row :func:`attends_window` admits: each (row, query, head) block reads the whole
 #: window, so long one-shot-like chunks are cheaper through SDPA's GEMMs.
 MAX_WINDOW_QUERIES = 8
 
 
-def attends_window(q: mx.array, past: mx.array, mask: mx.array) -> bool:
+def attends_window(q: mx.array, past: mx.array, fresh: mx.array, mask: mx.array) -> bool:
     """Whether a streamed window step (Mimi's transformer: q (B, H, Q, hd), the carried keys and
-    values ``past`` (2, B, KV, P, hd), a (B, 1, Q, P + Q) boolean mask) suits :func:`attend_window`,
-    on an active fused path.
+    values ``past`` (2, B, KV, P, hd) with P >= 1, this step's ``fresh`` (2, B, KV, Q, hd), a
+    (B, 1, Q, P + Q) boolean mask) suits :func:`attend_window`, on an active fused path.
 
     There MLX's SDPA falls back for a few queries: five kernels a layer (scale, two GEMMs, select,
     softmax), then a copy to put the heads side by side, each also paying host time, and the window
     is concatenated first (two copies). The kernel is one launch: it reads the window where it lies,
     writes the heads side by side, as the output projection reads them, and moves the window on.
+    Its 16-byte loads need head_dim a multiple of 8 (every row then starts on a 16-byte boundary,
+    a view of ``fresh`` sliced along its first axis too).
     """
-    batch, _, queries, head_dim = q.shape
-    positions = past.shape[3] + queries
+    if not (active() and q.ndim == 4 and past.ndim == 5 and fresh.ndim == 5 and mask.ndim == 4):
+        return False
+    batch, heads, queries, head_dim = q.shape
+    kv_heads, carried = past.shape[2], past.shape[3]
     return (
-        active() and q.dtype in _WINDOW_DTYPES and past.dtype == q.dtype and mask.dtype == mx.bool_
-        and past.ndim == 5 and past.shape[:2] == (2, batch) and past.shape[4] == head_dim
-        and mask.shape == (batch, 1, queries, positions) and queries <= MAX_WINDOW_QUERIES
-        and positions <= MAX_MASKED and head_dim % 8 == 0 and ATTEND_THREADS % head_dim == 0
+        q.dtype in _WINDOW_DTYPES and past.dtype == q.dtype and fresh.dtype == q.dtype and mask.dtype == mx.bool_
+        and past.shape == (2, batch, kv_heads, carried, head_dim) and carried >= 1
+        and fresh.shape == (2, batch, kv_heads, queries, head_dim) and heads % kv_heads == 0
+        and mask.shape == (batch, 1, queries, carried + queries) and queries <= MAX_WINDOW_QUERIES
+        and carried + queries <= MAX_MASKED and head_dim % 8 == 0 and ATTEND_THREADS % head_dim == 0
     )
 
 
