@@ -63,7 +63,7 @@ def finetune(config: FinetuneConfig) -> TrainResult:
     model, out_dir = speaker.model, Path(config.out_dir)
     train, val = prepare_samples(speaker, config.data, out_dir, seed=config.train.seed)
     if config.lora is not None:
-        targets = apply_lora(model, config.lora)
+        targets = apply_lora(model, config.lora, seed=config.train.seed)
         logger.info("LoRA rank %d on %d layers", config.lora.rank, len(targets))
     trainer = Trainer(model, train, val, config.train, out_dir, save_outputs=_saver(config, speaker.weights_dir))
     resume = out_dir if config.resume else None

@@ -50,14 +50,15 @@ class LoRAConfig:
 class LoRALinear(nn.Module):
     """A frozen Linear/QuantizedLinear plus a trainable low-rank update (kept in float32)."""
 
-    def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float):
+    def __init__(self, linear: nn.Module, rank: int, scale: float, dropout: float, key: mx.array):
+        """``key`` draws A's initial values (B starts at zero, so the update starts at zero)."""
         super().__init__()
         out_dims, in_dims = _linear_shape(linear)
         self.linear = linear
         self.scale = scale
         self.dropout = nn.Dropout(dropout)
         bound = 1 / math.sqrt(in_dims)
-        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank))
+        self.lora_a = mx.random.uniform(-bound, bound, (in_dims, rank), key=key)
         self.lora_b = mx.zeros((rank, out_dims))
 
     def __call__(self, x: mx.array) -> mx.array:
@@ -96,8 +97,11 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     ]
 
 
-def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
+def apply_lora(model: nn.Module, config: LoRAConfig, seed: int = 0) -> list[str]:
     """Freeze ``model`` and wrap every target in a :class:`LoRALinear` (in place).
+
+    The A matrices are drawn from ``seed`` (one key per target, in path order), never from MLX's
+    global generator, which is seeded from the clock: the same seed starts the same run.
 
     Returns:
         the wrapped module paths, sorted.
@@ -110,7 +114,10 @@ def apply_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
         raise ValueError(f"no Linear layer matches the LoRA targets {config.targets}")
     modules = dict(model.named_modules())
     model.freeze()
-    wrapped = [(p, LoRALinear(modules[p], config.rank, config.scale, config.dropout)) for p in paths]
+    keys = mx.random.split(mx.random.key(seed), len(paths))
+    wrapped = [
+        (p, LoRALinear(modules[p], config.rank, config.scale, config.dropout, keys[i])) for i, p in enumerate(paths)
+    ]
     for _, layer in wrapped:
         layer.linear.freeze()
     model.update_modules(tree_unflatten(wrapped))
