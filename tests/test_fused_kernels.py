@@ -89,8 +89,9 @@ def rel_err(a: mx.array, b: mx.array) -> float:
 @needs_cuda
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (4, 2, 32)])
 def test_attend_masked_several_queries_equals_sdpa(heads, kv_heads, head_dim):
-    """Several queries a row (Mimi's streamed window step), each with its own mask: the kernel equals
-    MLX's SDPA with that mask, and writes each query's heads side by side."""
+    """Several queries a row over one cache buffer, each with its own mask: the kernel equals MLX's
+    SDPA with that mask, and writes each query's heads side by side. The body's several-query
+    addressing, which ``attend_window`` shares, checked apart from the window's two-part reads."""
     batch, queries, length, buffer = 2, 3, 290, 300  # more positions than a block's 256 threads
     k1, k2, k3, k4 = mx.random.split(mx.random.key(5), 4)
     q = mx.random.normal((batch, heads, queries, head_dim), key=k1)

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..models import fused
 
+
 class WindowKVCache:
     """Keys/values of the last ``window - 1`` positions: all a causal window of ``window`` keys
     needs before the next chunk. Memory stays bounded however long the stream runs."""
